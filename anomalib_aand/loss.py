@@ -1,0 +1,77 @@
+"""AAND losses: focal and amplification (stage 1), hard knowledge distillation (stage 2)."""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+
+def focal_loss(gate: torch.Tensor, target: torch.Tensor, alpha: float = 0.8, gamma: float = 2.0) -> torch.Tensor:
+    """Binary focal loss of the gate against the 0/1 mask, mean over positions."""
+    gate = gate.clamp(1e-6, 1 - 1e-6)
+    positive = -alpha * (1 - gate) ** gamma * target * torch.log(gate)
+    negative = -(1 - alpha) * gate**gamma * (1 - target) * torch.log(1 - gate)
+    return (positive + negative).mean()
+
+
+def _positions(features: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` to ``(B*H*W, C)``."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+def _sample(index: torch.Tensor, limit: int) -> torch.Tensor:
+    if index.numel() <= limit:
+        return index
+    return index[torch.randperm(index.numel(), device=index.device)[:limit]]
+
+
+def amplification_loss(
+    features: torch.Tensor,
+    amplified: torch.Tensor,
+    mask: torch.Tensor,
+    foreground: torch.Tensor | None = None,
+    margin: float = 0.3,
+    max_normal: int = 5000,
+    max_anomalous: int = 1000,
+) -> torch.Tensor:
+    """Push amplified anomalous features ``margin`` further from normal ones than the teacher's.
+
+    ``mean(relu(cos(F_n, F^A_a) - (cos(F_n, F_a) - margin)))`` over up to ``max_normal`` normal
+    (foreground) and ``max_anomalous`` anomalous positions; zero when either set is empty.
+    ``mask`` and ``foreground`` are 0/1 maps at the features' size.
+    """
+    anomalous = mask.flatten() > 0.5
+    normal = ~anomalous
+    if foreground is not None:
+        normal &= foreground.flatten() > 0.5
+    anomalous_idx = _sample(torch.nonzero(anomalous).squeeze(1), max_anomalous)
+    normal_idx = _sample(torch.nonzero(normal).squeeze(1), max_normal)
+    if anomalous_idx.numel() == 0 or normal_idx.numel() == 0:
+        return amplified.sum() * 0.0
+    plain, boosted = _positions(features), _positions(amplified)
+    reference = F.normalize(plain[normal_idx], dim=1)
+    similarity_teacher = reference @ F.normalize(plain[anomalous_idx], dim=1).t()
+    similarity_amplified = reference @ F.normalize(boosted[anomalous_idx], dim=1).t()
+    return torch.relu(similarity_amplified - (similarity_teacher - margin)).mean()
+
+
+def hkd_loss(targets: Sequence[torch.Tensor], students: Sequence[torch.Tensor], top_k: int = 10) -> torch.Tensor:
+    """Hard knowledge distillation, summed over scales.
+
+    Per scale: the mean of the ``top_k`` largest per-position ``1 - cos`` of each image, plus the
+    mean ``1 - cos`` between each image's flattened maps.
+    """
+    loss = targets[0].new_zeros(())
+    for target, student in zip(targets, students, strict=True):
+        distance = 1 - F.cosine_similarity(target, student, dim=1).flatten(1)  # (B, H*W)
+        loss = loss + distance.topk(top_k, dim=1).values.mean()
+        loss = loss + (1 - F.cosine_similarity(target.flatten(1), student.flatten(1), dim=1)).mean()
+    return loss
+
+
+def cosine_loss(targets: Sequence[torch.Tensor], students: Sequence[torch.Tensor]) -> torch.Tensor:
+    """RD4AD's plain distillation loss: mean ``1 - cos`` of the flattened maps, summed over scales."""
+    loss = targets[0].new_zeros(())
+    for target, student in zip(targets, students, strict=True):
+        loss = loss + (1 - F.cosine_similarity(target.flatten(1), student.flatten(1), dim=1)).mean()
+    return loss

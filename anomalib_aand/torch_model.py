@@ -1,0 +1,91 @@
+"""AAND torch model: teacher -> RAA -> bottleneck -> decoder -> anomaly map.
+
+Tang et al., "Advancing Pre-trained Teacher: Towards Robust Feature Discrepancy for Anomaly
+Detection", arXiv 2405.02068. No optimiser, no data synthesis and no Lightning here: the eval-mode
+forward is what anomalib exports.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from .anomaly_map import AnomalyMapGenerator
+from .components.raa import ResidualAnomalyAmplification
+from .components.student import build_student
+from .components.teacher import build_teacher
+
+
+class AandModel(nn.Module):
+    """Anomaly Amplification and Normality Distillation.
+
+    Args:
+        backbone: timm CNN used as the frozen teacher.
+        layers: Teacher layers, shallow to deep.
+        num_keys: ``M``, half the number of learnable keys of each residual gate.
+        gate_temperature: Softmax temperature of the key matching.
+        amplification: Build the RAA modules. Without them the student distils the plain teacher
+            features (the paper's "no amplification" ablation, ``stage1_epochs=0``).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
+        num_keys: int = 50,
+        gate_temperature: float = 0.2,
+        amplification: bool = True,
+    ) -> None:
+        super().__init__()
+        self.teacher = build_teacher(backbone, layers)
+        self.channels: list[int] = list(self.teacher.out_dims)
+        self.reductions: list[int] = list(self.teacher.reductions)
+        self.raa = (
+            nn.ModuleList(ResidualAnomalyAmplification(c, num_keys, gate_temperature) for c in self.channels)
+            if amplification
+            else None
+        )
+        self.bottleneck, self.decoder = build_student(backbone, layers, self.channels, self.reductions)
+        self.anomaly_map_generator = AnomalyMapGenerator(sigma=4.0)
+
+    def train(self, mode: bool = True) -> "AandModel":
+        """Set the mode; the teacher's BatchNorm always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Frozen teacher features ``F_s``, shallow to deep."""
+        return list(self.teacher(images).values())
+
+    def amplify(
+        self,
+        features: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Amplified features ``F^A_s`` and gates ``g_s``; ``masks`` force the gate (stage-1 teacher forcing)."""
+        if self.raa is None:
+            return list(features), [torch.zeros_like(f[:, :1]) for f in features]
+        outputs = [
+            raa(f, None if masks is None else m)
+            for raa, f, m in zip(self.raa, features, masks or [None] * len(features), strict=True)
+        ]
+        return [o[0] for o in outputs], [o[1] for o in outputs]
+
+    def amplified_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Teacher features with the predicted-gate amplification, as the student sees them."""
+        return self.amplify(self.extract(images))[0]
+
+    def distill(self, amplified: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Student reconstruction of every scale."""
+        return self.decoder(self.bottleneck(list(amplified)))
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
+        """Training: ``(amplified, student)`` features. Eval: ``InferenceBatch`` with score and map."""
+        amplified = self.amplified_features(images)
+        student = self.distill(amplified)
+        if self.training:
+            return amplified, student
+        anomaly_map = self.anomaly_map_generator(amplified, student, images.shape[-2:])
+        return InferenceBatch(pred_score=torch.amax(anomaly_map, dim=(-2, -1)), anomaly_map=anomaly_map)
