@@ -64,7 +64,8 @@ def build_teacher(backbone: str, layers: Sequence[str]) -> TimmFeatureExtractor:
     if any(a >= b for a, b in zip(reductions, reductions[1:], strict=False)):
         msg = f"Layers {layers} of {backbone!r} do not form a pyramid (reductions {reductions}); pick layers at different strides."
         raise TeacherError(msg)
-    return TimmFeatureExtractor(backbone=backbone, layers=indices, pre_trained=False, requires_grad=False)
+    teacher = TimmFeatureExtractor(backbone=backbone, layers=indices, pre_trained=False, requires_grad=False)
+    return teacher.requires_grad_(False)
 
 
 def _offline_efficientnet_lite0() -> dict[str, torch.Tensor] | None:

@@ -1,0 +1,192 @@
+"""Unit tests of AAND's building blocks, with values checked by hand."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.models.components.backbone.resnet_decoder import ResNetDecoder as AnomalibResNetDecoder
+
+from anomalib_aand import AandModel
+from anomalib_aand.anomaly_map import AnomalyMapGenerator
+from anomalib_aand.components.raa import ResidualAnomalyAmplification, positional_encoding_2d
+from anomalib_aand.components.student import Decoder, build_student
+from anomalib_aand.components.synthesis import mask_at
+from anomalib_aand.loss import amplification_loss, cosine_loss, focal_loss, hkd_loss
+
+torch.manual_seed(0)
+
+
+def test_positional_encoding_values_and_odd_channels() -> None:
+    enc = positional_encoding_2d(8, 3, 5)
+    assert enc.shape == (1, 8, 3, 5)
+    # channel 0: sin(x), channel 1: cos(x), constant along y; channel 4: sin(y), constant along x
+    assert torch.allclose(enc[0, 0, 0], torch.sin(torch.arange(5.0)))
+    assert torch.allclose(enc[0, 1, 2], torch.cos(torch.arange(5.0)))
+    assert torch.allclose(enc[0, 4, :, 0], torch.sin(torch.arange(3.0)))
+    assert torch.allclose(enc[0, 4, :, 0], enc[0, 4, :, 4])
+    odd = positional_encoding_2d(10, 4, 4)
+    assert torch.equal(odd[0, 8:], torch.zeros(2, 4, 4))
+    assert torch.equal(odd[0, :8], positional_encoding_2d(8, 4, 4)[0])
+    assert enc.abs().max() <= 1
+
+
+def test_gate_in_unit_interval_and_teacher_forcing() -> None:
+    raa = ResidualAnomalyAmplification(16, num_keys=4, temperature=0.2)
+    features = torch.randn(2, 16, 6, 7)
+    amplified, gate = raa(features)
+    assert gate.shape == (2, 1, 6, 7)
+    assert gate.min() >= 0 and gate.max() <= 1
+    residual = torch.tanh(raa.residual(features)) * features
+    assert torch.allclose(amplified, features + gate * residual, atol=1e-6)
+
+    mask = torch.zeros(2, 1, 6, 7)
+    mask[:, :, 2:4, 3:5] = 1
+    forced, forced_gate = raa(features, mask)
+    assert torch.allclose(forced_gate, gate)  # the gate is still predicted for the focal loss
+    assert torch.equal(forced[mask.expand_as(forced) == 0], features[mask.expand_as(features) == 0])
+    assert torch.allclose(forced, features + mask * residual, atol=1e-6)
+    # tanh keeps the residual smaller than the feature itself
+    assert (residual.abs() <= features.abs() + 1e-6).all()
+
+
+def test_gate_is_mass_on_anomaly_keys() -> None:
+    raa = ResidualAnomalyAmplification(4, num_keys=2, temperature=0.2)
+    features = torch.randn(1, 4, 2, 2)
+    query = raa.query(features + positional_encoding_2d(4, 2, 2))
+    sim = torch.einsum("bchw,mc->bmhw", F.normalize(query, dim=1), F.normalize(raa.keys, dim=1))
+    expected = torch.softmax(sim / 0.2, dim=1)[:, 2:].sum(1, keepdim=True)
+    assert torch.allclose(raa.gate(features), expected, atol=1e-6)
+
+
+def test_focal_loss_hand_values() -> None:
+    gate = torch.tensor([0.9, 0.2])
+    target = torch.tensor([1.0, 0.0])
+    expected = (-0.8 * 0.1**2 * math.log(0.9) - 0.2 * 0.2**2 * math.log(0.8)) / 2
+    assert focal_loss(gate, target, 0.8, 2.0).item() == pytest.approx(expected, rel=1e-5)
+    # a batch with no anomaly: finite even with the gate saturated
+    no_anomaly = focal_loss(torch.tensor([0.0, 1.0, 0.5]), torch.zeros(3))
+    assert torch.isfinite(no_anomaly)
+    assert focal_loss(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def _map(vectors: list[list[float]]) -> torch.Tensor:
+    """Positions (row-major) of a 1 x C x 1 x N map."""
+    return torch.tensor(vectors).t()[None, :, None, :]
+
+
+def test_amplification_loss_hand_values() -> None:
+    # normal at position 0 along x; anomaly at position 1 at 60 degrees (cos 0.5)
+    features = _map([[1.0, 0.0], [0.5, math.sqrt(3) / 2]])
+    mask = torch.tensor([0.0, 1.0]).view(1, 1, 1, 2)
+    # amplified anomaly unchanged: relu(0.5 - (0.5 - 0.3)) = 0.3
+    assert amplification_loss(features, features, mask, margin=0.3).item() == pytest.approx(0.3, abs=1e-6)
+    # amplified anomaly orthogonal to the normal one: relu(0 - 0.2) = 0
+    pushed = _map([[1.0, 0.0], [0.0, 1.0]])
+    assert amplification_loss(features, pushed, mask, margin=0.3).item() == pytest.approx(0.0, abs=1e-6)
+    # no anomalous position: exactly zero, and still differentiable
+    amplified = features.clone().requires_grad_(True)
+    zero = amplification_loss(features, amplified, torch.zeros(1, 1, 1, 2))
+    assert zero.item() == 0.0
+    zero.backward()
+    # background outside the foreground is not used as "normal": no normal position left -> zero
+    assert amplification_loss(features, features, mask, foreground=torch.zeros(1, 1, 1, 2)).item() == 0.0
+
+
+def test_amplification_loss_samples_at_most_the_limits() -> None:
+    features = torch.randn(2, 8, 20, 20)
+    mask = (torch.rand(2, 1, 20, 20) > 0.5).float()
+    value = amplification_loss(features, features, mask, max_normal=7, max_anomalous=3, margin=0.3)
+    assert value.item() == pytest.approx(0.3, abs=1e-5)  # unchanged features sit exactly at the margin
+
+
+def test_hkd_top_k_and_global_term() -> None:
+    target = torch.zeros(1, 2, 1, 4)
+    target[:, 0] = 1.0
+    student = target.clone()
+    student[0, :, 0, 1] = torch.tensor([0.0, 1.0])  # one position orthogonal: 1 - cos = 1
+    student[0, :, 0, 2] = torch.tensor([-1.0, 0.0])  # one opposite: 1 - cos = 2
+    flat = 1 - F.cosine_similarity(target.flatten(1), student.flatten(1)).item()
+    assert hkd_loss([target], [student], top_k=1).item() == pytest.approx(2.0 + flat, abs=1e-6)
+    assert hkd_loss([target], [student], top_k=2).item() == pytest.approx(1.5 + flat, abs=1e-6)
+    assert hkd_loss([target], [student], top_k=4).item() == pytest.approx(0.75 + flat, abs=1e-6)
+    assert cosine_loss([target], [student]).item() == pytest.approx(flat, abs=1e-6)
+    assert hkd_loss([target, target], [target, target], top_k=2).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "layers", "channels"),
+    [
+        ("resnet18", ("layer1", "layer2", "layer3"), [64, 128, 256]),
+        ("tf_efficientnet_lite0", ("blocks.1", "blocks.2", "blocks.4"), [24, 40, 112]),
+    ],
+)
+def test_student_mirrors_teacher(backbone: str, layers: tuple[str, ...], channels: list[int]) -> None:
+    model = AandModel(backbone, layers, num_keys=3).eval()
+    assert model.channels == channels
+    assert model.reductions == [4, 8, 16]
+    images = torch.rand(2, 3, 96, 64)
+    with torch.no_grad():
+        teacher = model.extract(images)
+        student = model.distill(model.amplify(teacher)[0])
+    assert [s.shape for s in student] == [t.shape for t in teacher]
+    uses_anomalib = isinstance(model.decoder, AnomalibResNetDecoder)
+    assert uses_anomalib == (backbone == "resnet18")
+
+
+def test_generic_student_for_other_pyramids() -> None:
+    bottleneck, decoder = build_student("custom", ("a", "b"), [8, 16], [2, 8])
+    assert isinstance(decoder, Decoder)
+    features = [torch.randn(1, 8, 32, 32), torch.randn(1, 16, 8, 8)]
+    embedding = bottleneck(features)
+    assert embedding.shape == (1, 32, 4, 4)
+    assert [o.shape for o in decoder(embedding)] == [f.shape for f in features]
+
+
+def test_anomaly_map_and_score() -> None:
+    generator = AnomalyMapGenerator(sigma=4.0)
+    assert generator.blur.kernel.shape[-2:] == (33, 33)
+    target = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]
+    assert generator(target, target, (32, 32)).abs().max() < 1e-5
+    student = [t.clone() for t in target]
+    student[0][1, :, 2, 5] = -target[0][1, :, 2, 5]  # one opposite feature in image 1
+    anomaly_map = generator(target, student, (32, 32))
+    assert anomaly_map.shape == (2, 1, 32, 32)
+    assert anomaly_map[0].abs().max() < 1e-5
+    peak = torch.nonzero(anomaly_map[1, 0] == anomaly_map[1, 0].max())[0]
+    assert 4 <= peak[0] <= 14 and 14 <= peak[1] <= 26  # around row 2/8, column 5/8 of the image
+
+    model = AandModel("resnet18", num_keys=2).eval()
+    with torch.no_grad():
+        out = model(torch.rand(3, 3, 64, 64))
+    assert out.anomaly_map.shape == (3, 1, 64, 64)
+    assert torch.equal(out.pred_score, out.anomaly_map.amax(dim=(-2, -1)))
+
+
+def test_no_amplification_means_plain_teacher() -> None:
+    model = AandModel("resnet18", amplification=False).eval()
+    assert model.raa is None
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model.amplified_features(images), model.extract(images), strict=True))
+
+
+def test_teacher_batchnorm_stays_frozen() -> None:
+    model = AandModel("resnet18", num_keys=2)
+    model.train()
+    assert not model.teacher.training
+    assert model.bottleneck.training
+    running = model.teacher.feature_extractor.bn1.running_mean.clone()
+    model(torch.rand(2, 3, 64, 64) * 5)
+    assert torch.equal(running, model.teacher.feature_extractor.bn1.running_mean)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_mask_at_feature_scale() -> None:
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8, :8] = 1  # one quadrant
+    assert mask_at(mask, (2, 2)).flatten().tolist() == [1.0, 0.0, 0.0, 0.0]
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :2, :2] = 1  # 1/16 of a quadrant: average 0.0625 < 0.3 vanishes at 2x2
+    assert mask_at(mask, (2, 2)).sum() == 0
+    assert mask_at(mask, (8, 8)).sum() == 1
