@@ -10,6 +10,7 @@ the epoch, so a checkpoint saved in either stage resumes in the right one.
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -25,6 +26,13 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torchvision.transforms.v2 import Normalize
 
+from .components.checks import (
+    check_checkpoint,
+    check_checkpoint_file,
+    check_datamodule,
+    check_dataset_folder,
+    check_finite_losses,
+)
 from .components.synthesis import AnomalySynthesizer, mask_at
 from .components.teacher import load_teacher_weights
 from .loss import amplification_loss, cosine_loss, focal_loss, hkd_loss
@@ -118,8 +126,9 @@ class Aand(AnomalibModule):
         )
         if self.input_size is not None:
             self._check_input_size(tuple(self.input_size))
-        self.synthesizer = self._build_synthesizer() if stage1_epochs > 0 else None
+        self.synthesizer: AnomalySynthesizer | None = None  # built when stage 1 starts: textures may be absent elsewhere
         self.register_buffer("teacher_initialised", torch.tensor(False))
+        self._accepted_sizes: set[tuple[int, ...]] = set()
         self.automatic_optimization = False
 
     # ------------------------------------------------------------------ set-up
@@ -155,8 +164,46 @@ class Aand(AnomalibModule):
             )
             raise ValueError(msg)
 
+    def configure_callbacks(self) -> Any:
+        """anomalib's callbacks; first refuse a missing dataset folder (this runs before any download)."""
+        if self._trainer is not None and self.trainer.datamodule is not None:
+            check_dataset_folder(self.trainer.datamodule)
+        return super().configure_callbacks()
+
+    def setup(self, stage: str) -> None:
+        """Check the data and the checkpoint to resume from; save a checkpoint every epoch while fitting."""
+        if self.trainer.datamodule is not None:
+            check_datamodule(self.trainer.datamodule, stage)
+        if self.trainer.ckpt_path is not None:
+            check_checkpoint_file(self.trainer.ckpt_path)
+        if stage == "fit":
+            for callback in self.trainer.checkpoint_callbacks:
+                # anomalib validates once, at the end; without this an interrupted run leaves no checkpoint
+                if callback.monitor is None and callback._save_on_train_epoch_end is None:  # noqa: SLF001
+                    callback._save_on_train_epoch_end = True  # noqa: SLF001
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse checkpoints of another model or another backbone with a clear message."""
+        check_checkpoint(checkpoint, self.state_dict(), self.hparams)
+        super().on_load_checkpoint(checkpoint)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> "Aand":
+        """Load a trained model (``weights_only=True``, offline); a damaged file raises a clear error."""
+        check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def _check_batch(self, images: torch.Tensor) -> None:
+        """Refuse batches of a size the student cannot mirror (e.g. a pre-processor without Resize)."""
+        size = tuple(images.shape[-2:])
+        if size not in self._accepted_sizes:
+            self._check_input_size(size)
+            self._accepted_sizes.add(size)
+
     def on_fit_start(self) -> None:
-        """Load the teacher's ImageNet weights once; a resumed or loaded model already has them."""
+        """Build the stage-1 synthesizer; load the teacher's ImageNet weights once (a resumed model has them)."""
+        if self.stage1_epochs > 0 and self.current_epoch < self.stage1_epochs and self.synthesizer is None:
+            self.synthesizer = self._build_synthesizer().to(self.device)
         if bool(self.teacher_initialised):
             return
         if self.hparams.backbone_weights is not None or self.hparams.pre_trained:
@@ -187,12 +234,14 @@ class Aand(AnomalibModule):
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One optimisation step of the current stage."""
         del args, kwargs
+        self._check_batch(batch.image)
         if self.stage == 1:
             losses = self._stage1_losses(batch.image)
             optimizer = self.optimizers()[0]
         else:
             losses = self._stage2_losses(batch.image)
             optimizer = self.optimizers()[1]
+        check_finite_losses(losses, self.stage, self.current_epoch, self.global_step, self.hparams.learning_rate)
         loss = losses["loss"]
         optimizer.zero_grad()
         self.manual_backward(loss)
@@ -242,6 +291,7 @@ class Aand(AnomalibModule):
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict, so that anomalib computes thresholds and normalisation statistics."""
         del args, kwargs
+        self._check_batch(batch.image)
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
 
