@@ -171,11 +171,9 @@ class Aand(AnomalibModule):
         return super().configure_callbacks()
 
     def setup(self, stage: str) -> None:
-        """Check the data and the checkpoint to resume from; save a checkpoint every epoch while fitting."""
+        """Check the images the stage will read; save a checkpoint every epoch while fitting."""
         if self.trainer.datamodule is not None:
             check_datamodule(self.trainer.datamodule, stage)
-        if self.trainer.ckpt_path is not None:
-            check_checkpoint_file(self.trainer.ckpt_path)
         if stage == "fit":
             for callback in self.trainer.checkpoint_callbacks:
                 # anomalib validates once, at the end; without this an interrupted run leaves no checkpoint

@@ -232,7 +232,7 @@ def check_finite_losses(losses: Mapping[str, torch.Tensor], stage: int, epoch: i
     total = losses["loss"]
     if bool(torch.isfinite(total)):
         return
-    values = {name: float(value) for name, value in losses.items()}
+    values = {name: float(value.detach()) for name, value in losses.items()}
     bad = [name for name, value in values.items() if not math.isfinite(value) and name != "loss"] or ["loss"]
     msg = (
         f"AAND stage {stage}: the loss term(s) {bad} became non-finite at epoch {epoch}, optimiser step {step} "
