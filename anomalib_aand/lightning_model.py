@@ -22,6 +22,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torchvision.transforms.v2 import Normalize
@@ -181,8 +182,20 @@ class Aand(AnomalibModule):
                     callback._save_on_train_epoch_end = True  # noqa: SLF001
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse checkpoints of another model or another backbone with a clear message."""
+        """Refuse checkpoints of another model or another backbone with a clear message.
+
+        ``anomalib train --ckpt_path`` resumes, then tests with the same ``ckpt_path``, which would put the
+        interrupted run's weights back: a model that trained further in this process keeps its own.
+        """
         check_checkpoint(checkpoint, self.state_dict(), self.hparams)
+        if (
+            self._trainer is not None
+            and self.trainer.state.fn != TrainerFn.FITTING
+            and checkpoint.get("global_step", 0) < self.trainer.global_step
+        ):
+            logger.warning("Testing the model trained in this run, not the older checkpoint it resumed from.")
+            checkpoint["state_dict"] = self.state_dict()
+            checkpoint.pop("callbacks", None)  # the post-processor's thresholds are callback state too
         super().on_load_checkpoint(checkpoint)
 
     @classmethod

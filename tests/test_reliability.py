@@ -298,20 +298,18 @@ def test_stage1_degenerate_masks_give_finite_losses(mask: torch.Tensor, foregrou
 
 
 def test_non_finite_loss_stops_training_with_a_message(small_root: Path, tmp_path: Path) -> None:
-    model = tiny_aand(stage1_epochs=1, stage2_epochs=2)
+    model = tiny_aand(stage1_epochs=1, stage2_epochs=1)
     original = model._stage2_losses  # noqa: SLF001
 
     def poisoned(images: torch.Tensor) -> dict[str, torch.Tensor]:
         losses = original(images)
-        if model.current_epoch == 2:
-            losses = {"loss": losses["loss"] * float("nan")}
-        return losses
+        return {"loss": losses["loss"] * float("nan"), "hkd": losses["loss"] * float("inf")}
 
     model._stage2_losses = poisoned  # noqa: SLF001
-    with pytest.raises(FloatingPointError, match=r"stage 2: the loss term\(s\) \['loss'\] became non-finite at epoch 2"):
+    with pytest.raises(FloatingPointError, match=r"stage 2: the loss term\(s\) \['hkd'\] became non-finite at epoch 1"):
         engine(tmp_path).fit(model, datamodule=datamodule(small_root))
     checkpoint = torch.load(next(tmp_path.rglob("model.ckpt")), weights_only=False, map_location="cpu")
-    assert checkpoint["epoch"] == 1  # the last finished epoch is kept
+    assert checkpoint["epoch"] == 0  # the last finished epoch (stage 1) is kept
     weights = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.") and v.is_floating_point()}
     assert weights
     assert all(torch.isfinite(v).all() for v in weights.values())
@@ -343,17 +341,24 @@ class Interrupt(Callback):
             file.write(f"{trainer.current_epoch} {module.stage} {learning_rate:.6f}\n")
 
 
-def resumable_run(root: str | Path, out: str | Path, checkpoint: str | Path | None, interrupt: Interrupt, record: str | Path) -> Path:
-    """2 + 2 epochs of a tiny AAND, optionally resumed from ``checkpoint``; returns the last model.ckpt."""
+def resumable_run(
+    root: str | Path,
+    out: str | Path,
+    checkpoint: str | Path | None,
+    interrupt: Interrupt,
+    record: str | Path,
+    method: str = "fit",
+) -> tuple[Aand, Path]:
+    """2 + 2 epochs of a tiny AAND, optionally resumed from ``checkpoint``; returns the model and its model.ckpt."""
     interrupt.record = record
     seed_everything(0)
     model = tiny_aand(stage1_epochs=2, stage2_epochs=2)
     run = engine(Path(out), callbacks=[interrupt])
     try:
-        run.fit(model, datamodule=datamodule(Path(root)), ckpt_path=checkpoint)
+        getattr(run, method)(model, datamodule=datamodule(Path(root)), ckpt_path=checkpoint)
     except SimulatedCrash:
         pass
-    return next(Path(out).rglob("model.ckpt"))
+    return model, next(Path(out).rglob("model.ckpt"))
 
 
 class SimulatedCrash(RuntimeError):
@@ -373,8 +378,9 @@ def test_kill_and_resume_in_both_stages(small_root: Path, tmp_path: Path) -> Non
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == -9, result.stderr[-3000:]
     checkpoint = next((tmp_path / "run0").rglob("model.ckpt"))
-    checkpoint = resumable_run(small_root, tmp_path / "run1", checkpoint, Interrupt(3, _crash), record)
-    checkpoint = resumable_run(small_root, tmp_path / "run2", checkpoint, Interrupt(-1, _crash), record)
+    _, checkpoint = resumable_run(small_root, tmp_path / "run1", checkpoint, Interrupt(3, _crash), record)
+    # `anomalib train --ckpt_path`: resume, then test (anomalib passes the same ckpt_path to the test)
+    model, checkpoint = resumable_run(small_root, tmp_path / "run2", checkpoint, Interrupt(-1, _crash), record, "train")
     rows = [line.split() for line in record.read_text().splitlines()]
     # every epoch finished exactly once, in its stage; the learning rate follows each stage's own schedule
     assert [(int(e), int(s)) for e, s, _ in rows] == [(0, 1), (1, 1), (2, 2), (3, 2)]
@@ -382,6 +388,9 @@ def test_kill_and_resume_in_both_stages(small_root: Path, tmp_path: Path) -> Non
     final = torch.load(checkpoint, weights_only=False, map_location="cpu")
     assert final["epoch"] == 3
     assert torch.isfinite(final["state_dict"]["post_processor._image_threshold"]).all()
+    # what was tested is the finished model, not the interrupted checkpoint it resumed from
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, final["state_dict"][key], rtol=0, atol=0, equal_nan=True, msg=key)
 
 
 # ------------------------------------------------------------------------------ reproducibility
