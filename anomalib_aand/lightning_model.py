@@ -185,15 +185,22 @@ class Aand(AnomalibModule):
         """Refuse checkpoints of another model or another backbone with a clear message.
 
         ``anomalib train --ckpt_path`` resumes, then tests with the same ``ckpt_path``, which would put the
-        interrupted run's weights back: a model that trained further in this process keeps its own.
+        interrupted run's weights (without thresholds) back: a model that trained further keeps its own.
         """
         check_checkpoint(checkpoint, self.state_dict(), self.hparams)
+        threshold = checkpoint["state_dict"].get("post_processor._image_threshold", torch.tensor(0.0))
         if (
             self._trainer is not None
             and self.trainer.state.fn != TrainerFn.FITTING
             and checkpoint.get("global_step", 0) < self.trainer.global_step
+            and not torch.isfinite(threshold).all()
         ):
-            logger.warning("Testing the model trained in this run, not the older checkpoint it resumed from.")
+            logger.warning(
+                "anomalib reloads the interrupted checkpoint (step %d) this run resumed from; keeping the model "
+                "trained in this run (step %d) instead.",
+                checkpoint.get("global_step", 0),
+                self.trainer.global_step,
+            )
             checkpoint["state_dict"] = self.state_dict()
             checkpoint.pop("callbacks", None)  # the post-processor's thresholds are callback state too
         super().on_load_checkpoint(checkpoint)

@@ -216,7 +216,7 @@ def check_checkpoint(checkpoint: Mapping[str, Any], state_dict: Mapping[str, tor
         )
         msg = (
             f"This Aand checkpoint does not fit the model it is loaded into ({detail}). Build the model with the "
-            "settings used for training (--model.backbone, --model.layers, ... or the run's saved config), or load "
+            "settings used for training (--model.backbone, --model.layers, ..., or --config <run folder>/config.yaml), or load "
             "it with Aand.load_from_checkpoint(path), which restores them."
         )
         raise AandInputError(msg)
