@@ -54,7 +54,14 @@ def datamodule(root: Path, category: str = "toy") -> MVTecAD:
 
 
 def engine(root: Path, **kwargs) -> Engine:
-    return Engine(default_root_dir=root, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, **kwargs)
+    settings = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False}
+    return Engine(default_root_dir=root, **settings, **kwargs)
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """Environment for a fresh interpreter: offline, importing this checkout and the tests."""
+    path = os.pathsep.join([str(REPO), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -223,9 +230,8 @@ def test_checkpoint_loads_offline_in_fresh_process(trained_checkpoint: Path) -> 
         assert torch.isfinite(scores).all()
         print("LOADED", model.hparams.backbone)
     """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_PROXY": "*", "HTTPS_PROXY": "http://0.0.0.0:9", "HTTP_PROXY": "http://0.0.0.0:9"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False)
+    env = offline_env(HTTPS_PROXY="http://0.0.0.0:9", HTTP_PROXY="http://0.0.0.0:9", NO_PROXY="")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOADED resnet18" in result.stdout
 
@@ -243,14 +249,19 @@ def test_truncated_checkpoint(trained_checkpoint: Path, tmp_path: Path, small_ro
 
 
 def test_checkpoint_of_another_backbone(trained_checkpoint: Path, tmp_path: Path, small_root: Path) -> None:
+    checkpoint = trained_checkpoint
     with pytest.raises(AandInputError, match="backbone: checkpoint 'resnet18', this model 'resnet34'"):
-        engine(tmp_path).test(tiny_aand(backbone="resnet34"), datamodule=datamodule(small_root), ckpt_path=trained_checkpoint)
+        engine(tmp_path).test(tiny_aand(backbone="resnet34"), datamodule=datamodule(small_root), ckpt_path=checkpoint)
 
 
 def test_checkpoint_of_another_model(tmp_path: Path, small_root: Path) -> None:
     padim, other = tmp_path / "padim.ckpt", Padim(backbone="resnet18", pre_trained=False)
     torch.save(
-        {"state_dict": other.state_dict(), "hyper_parameters": {"backbone": "resnet18", "layers": ["layer1", "layer2"]}, "pytorch-lightning_version": lightning.__version__},
+        {
+            "state_dict": other.state_dict(),
+            "hyper_parameters": {"backbone": "resnet18", "layers": ["layer1", "layer2"]},
+            "pytorch-lightning_version": lightning.__version__,
+        },
         padim,
     )
     with pytest.raises(AandInputError, match="not saved by Aand"):
@@ -373,9 +384,9 @@ def test_kill_and_resume_in_both_stages(small_root: Path, tmp_path: Path) -> Non
     """Killed (SIGKILL) in stage 1, resumed and crashed in stage 2, resumed again: 2 + 2 epochs, schedules intact."""
     record = tmp_path / "epochs.txt"
     (tmp_path / "driver.py").write_text(DRIVER)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = offline_env()
     args = [sys.executable, str(tmp_path / "driver.py"), str(small_root), str(tmp_path / "run0"), str(record)]
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, check=False)
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == -9, result.stderr[-3000:]
     checkpoint = next((tmp_path / "run0").rglob("model.ckpt"))
     _, checkpoint = resumable_run(small_root, tmp_path / "run1", checkpoint, Interrupt(3, _crash), record)

@@ -58,7 +58,8 @@ def check_dataset_folder(datamodule: Any) -> None:
     default_root = None if default is None or default.default is inspect.Parameter.empty else Path(default.default)
     name = type(datamodule).__name__
     if present or default_root is None or root.resolve() != default_root.resolve():
-        where = f"Categories found there: {present}." if present else f"{str(root)!r} itself {'is empty' if root.is_dir() else 'does not exist'}."
+        state = "is empty" if root.is_dir() else "does not exist"
+        where = f"Categories found there: {present}." if present else f"{str(root)!r} itself {state}."
         msg = (
             f"Dataset folder {str(root / category)!r} does not exist: category {category!r} is not under "
             f"data root {str(root)!r}. {where} Check --data.root and --data.category (anomalib would now "
@@ -153,10 +154,12 @@ def check_datamodule(datamodule: Any, stage: str) -> None:
             "point --data.root/--data.category at a dataset that has them."
         )
         raise AandInputError(msg)
-    present = [dataset for dataset in datasets.values() if dataset is not None]
-    name = f"{'/'.join(split for split, d in datasets.items() if d is not None)} images of {_describe(datamodule)}"
-    check_images([p for dataset in present for p in _dataset_paths(dataset, "image_path")], what=name)
-    check_images([p for dataset in present for p in _dataset_paths(dataset, "mask_path")], what=f"masks of {_describe(datamodule)}")
+    present = {split: dataset for split, dataset in datasets.items() if dataset is not None}
+    source = _describe(datamodule)
+    images = [p for dataset in present.values() for p in _dataset_paths(dataset, "image_path")]
+    masks = [p for dataset in present.values() for p in _dataset_paths(dataset, "mask_path")]
+    check_images(images, what=f"{'/'.join(present)} images of {source}")
+    check_images(masks, what=f"masks of {source}")
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -180,17 +183,28 @@ def check_checkpoint_file(path: str | Path) -> None:
         raise AandInputError(msg)
 
 
-HPARAMS_THAT_SHAPE = ("backbone", "layers", "num_keys", "stage1_epochs")
+def _shape_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters that decide the model's tensors."""
+    settings = {key: hparams[key] for key in ("backbone", "layers", "num_keys") if key in hparams}
+    if "layers" in settings:
+        settings["layers"] = list(settings["layers"])
+    if "stage1_epochs" in hparams:
+        settings["amplification (stage1_epochs > 0)"] = hparams["stage1_epochs"] > 0
+    return settings
 
 
-def check_checkpoint(checkpoint: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], hparams: Mapping[str, Any]) -> None:
+def check_checkpoint(
+    checkpoint: Mapping[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+    hparams: Mapping[str, Any],
+) -> None:
     """Refuse a checkpoint whose weights do not fit this model, naming the settings that differ.
 
     ``state_dict`` and ``hparams`` are the receiving model's.
     """
     saved = checkpoint.get("state_dict")
     if not isinstance(saved, Mapping):
-        msg = "This file is not a Lightning checkpoint (it has no 'state_dict'). Pass the model.ckpt written by training."
+        msg = "This file is not a Lightning checkpoint (no 'state_dict'). Pass the model.ckpt written by training."
         raise AandInputError(msg)
     if not any(key.startswith("model.teacher.") for key in saved):
         prefixes = sorted({key.split(".")[1] for key in saved if key.startswith("model.") and key.count(".") > 1})
@@ -199,12 +213,11 @@ def check_checkpoint(checkpoint: Mapping[str, Any], state_dict: Mapping[str, tor
             f"{prefixes[:8]}). Load it with the model class that trained it, or pass an Aand checkpoint."
         )
         raise AandInputError(msg)
-    saved_hparams = checkpoint.get("hyper_parameters", {})
+    theirs, ours = _shape_settings(checkpoint.get("hyper_parameters", {})), _shape_settings(hparams)
     differences = [
-        f"{key}: checkpoint {saved_hparams[key]!r}, this model {hparams.get(key)!r}"
-        for key in HPARAMS_THAT_SHAPE
-        if key in saved_hparams and _canonical(saved_hparams[key]) != _canonical(hparams.get(key))
-        and (key != "stage1_epochs" or (saved_hparams[key] > 0) != (hparams.get(key, 0) > 0))
+        f"{key}: checkpoint {value!r}, this model {ours[key]!r}"
+        for key, value in theirs.items()
+        if key in ours and value != ours[key]
     ]
     missing = [key for key in state_dict if key.startswith("model.") and key not in saved]
     extra = [key for key in saved if key.startswith("model.") and key not in state_dict]
@@ -216,18 +229,20 @@ def check_checkpoint(checkpoint: Mapping[str, Any], state_dict: Mapping[str, tor
         )
         msg = (
             f"This Aand checkpoint does not fit the model it is loaded into ({detail}). Build the model with the "
-            "settings used for training (--model.backbone, --model.layers, ..., or --config <run folder>/config.yaml), or load "
-            "it with Aand.load_from_checkpoint(path), which restores them."
+            "settings used for training (--model.backbone, --model.layers, ..., or --config <run>/config.yaml), "
+            "or load it with Aand.load_from_checkpoint(path), which restores them."
         )
         raise AandInputError(msg)
 
 
-def _canonical(value: Any) -> Any:
-    return list(value) if isinstance(value, list | tuple) else value
-
-
 # ----------------------------------------------------------------------------------------- losses
-def check_finite_losses(losses: Mapping[str, torch.Tensor], stage: int, epoch: int, step: int, learning_rate: float) -> None:
+def check_finite_losses(
+    losses: Mapping[str, torch.Tensor],
+    stage: int,
+    epoch: int,
+    step: int,
+    learning_rate: float,
+) -> None:
     """Stop training with a clear message when a loss term is NaN or infinite."""
     total = losses["loss"]
     if bool(torch.isfinite(total)):
