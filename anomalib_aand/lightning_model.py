@@ -127,7 +127,7 @@ class Aand(AnomalibModule):
         )
         if self.input_size is not None:
             self._check_input_size(tuple(self.input_size))
-        self.synthesizer: AnomalySynthesizer | None = None  # built when stage 1 starts: textures may be absent elsewhere
+        self.synthesizer: AnomalySynthesizer | None = None  # built when a stage-1 epoch starts
         self.register_buffer("teacher_initialised", torch.tensor(False))
         self._accepted_sizes: set[tuple[int, ...]] = set()
         self.automatic_optimization = False
@@ -219,9 +219,7 @@ class Aand(AnomalibModule):
             self._accepted_sizes.add(size)
 
     def on_fit_start(self) -> None:
-        """Build the stage-1 synthesizer; load the teacher's ImageNet weights once (a resumed model has them)."""
-        if self.stage1_epochs > 0 and self.current_epoch < self.stage1_epochs and self.synthesizer is None:
-            self.synthesizer = self._build_synthesizer().to(self.device)
+        """Load the teacher's ImageNet weights once; a resumed or loaded model already has them."""
         if bool(self.teacher_initialised):
             return
         if self.hparams.backbone_weights is not None or self.hparams.pre_trained:
@@ -296,6 +294,8 @@ class Aand(AnomalibModule):
 
     def on_train_epoch_start(self) -> None:
         """Freeze what the current stage does not train, and say which stage runs."""
+        if self.stage == 1 and self.synthesizer is None:  # built here: the texture folder may be absent elsewhere
+            self.synthesizer = self._build_synthesizer().to(self.device)
         if self.model.raa is not None:
             self.model.raa.requires_grad_(self.stage == 1)
         if self.current_epoch in {0, self.stage1_epochs}:

@@ -143,14 +143,17 @@ def test_backbone_weights_of_another_architecture(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])
-def test_anomaly_source_path_missing_or_empty(tmp_path: Path, make: str) -> None:
+def test_anomaly_source_path_missing_or_empty(tmp_path: Path, small_root: Path, make: str) -> None:
     folder = tmp_path / "textures"
     if make == "empty":
         folder.mkdir()
         (folder / "readme.txt").write_text("no images")
-    with pytest.raises(ValueError, match="anomaly_source_path .*(not a folder|holds no images)"):
+    message = "anomaly_source_path .*(not a folder|holds no images)"
+    with pytest.raises(ValueError, match=message):
         AnomalySynthesizer(anomaly_source_path=folder)
-    tiny_aand(anomaly_source_path=str(folder))  # construction (and so checkpoint loading) does not need the folder
+    model = tiny_aand(anomaly_source_path=str(folder))  # construction (and checkpoint loading) does not need it
+    with pytest.raises(ValueError, match=message):  # the first stage-1 epoch does, before its first batch
+        engine(tmp_path / "out").fit(model, datamodule=datamodule(small_root))
 
 
 # --------------------------------------------------------------------------------- data checks
@@ -398,6 +401,7 @@ def test_kill_and_resume_in_both_stages(small_root: Path, tmp_path: Path) -> Non
     assert [float(lr) for *_, lr in rows] == [0.005, 0.001, 0.005, 0.001]
     final = torch.load(checkpoint, weights_only=False, map_location="cpu")
     assert final["epoch"] == 3
+    assert model.synthesizer is None  # resumed in stage 2: stage-1 synthesis (and its textures) not needed
     assert torch.isfinite(final["state_dict"]["post_processor._image_threshold"]).all()
     # what was tested is the finished model, not the interrupted checkpoint it resumed from
     for key, value in model.state_dict().items():
