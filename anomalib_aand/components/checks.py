@@ -1,7 +1,7 @@
 """Early checks of what a user hands to AAND: the dataset folder, the image files, checkpoints, losses.
 
-Each check raises ``AandInputError`` (a ``ValueError``) whose message says what is wrong and what to
-do, so that a mistake stops a run before hours of training, not after.
+Each input check raises ``AandInputError`` (a ``ValueError``), a non-finite loss ``FloatingPointError``;
+the message says what is wrong and what to do, so that a mistake stops a run before hours of training.
 """
 
 import inspect
