@@ -10,6 +10,7 @@ the epoch, so a checkpoint saved in either stage resumes in the right one.
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -21,10 +22,18 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torchvision.transforms.v2 import Normalize
 
+from .components.checks import (
+    check_checkpoint,
+    check_checkpoint_file,
+    check_datamodule,
+    check_dataset_folder,
+    check_finite_losses,
+)
 from .components.synthesis import AnomalySynthesizer, mask_at
 from .components.teacher import load_teacher_weights
 from .loss import amplification_loss, cosine_loss, focal_loss, hkd_loss
@@ -118,8 +127,9 @@ class Aand(AnomalibModule):
         )
         if self.input_size is not None:
             self._check_input_size(tuple(self.input_size))
-        self.synthesizer = self._build_synthesizer() if stage1_epochs > 0 else None
+        self.synthesizer: AnomalySynthesizer | None = None  # built when a stage-1 epoch starts
         self.register_buffer("teacher_initialised", torch.tensor(False))
+        self._accepted_sizes: set[tuple[int, ...]] = set()
         self.automatic_optimization = False
 
     # ------------------------------------------------------------------ set-up
@@ -155,6 +165,59 @@ class Aand(AnomalibModule):
             )
             raise ValueError(msg)
 
+    def configure_callbacks(self) -> Any:
+        """anomalib's callbacks; first refuse a missing dataset folder (this runs before any download)."""
+        if self._trainer is not None and self.trainer.datamodule is not None:
+            check_dataset_folder(self.trainer.datamodule)
+        return super().configure_callbacks()
+
+    def setup(self, stage: str) -> None:
+        """Check the images the stage will read; save a checkpoint every epoch while fitting."""
+        if self.trainer.datamodule is not None:
+            check_datamodule(self.trainer.datamodule, stage)
+        if stage == "fit":
+            for callback in self.trainer.checkpoint_callbacks:
+                # anomalib validates once, at the end; without this an interrupted run leaves no checkpoint
+                if callback.monitor is None and callback._save_on_train_epoch_end is None:  # noqa: SLF001
+                    callback._save_on_train_epoch_end = True  # noqa: SLF001
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse checkpoints of another model or another backbone with a clear message.
+
+        ``anomalib train --ckpt_path`` resumes, then tests with the same ``ckpt_path``, which would put the
+        interrupted run's weights (without thresholds) back: a model that trained further keeps its own.
+        """
+        check_checkpoint(checkpoint, self.state_dict(), self.hparams)
+        threshold = checkpoint["state_dict"].get("post_processor._image_threshold", torch.tensor(0.0))
+        if (
+            self._trainer is not None
+            and self.trainer.state.fn != TrainerFn.FITTING
+            and checkpoint.get("global_step", 0) < self.trainer.global_step
+            and not torch.isfinite(threshold).all()
+        ):
+            logger.warning(
+                "anomalib reloads the interrupted checkpoint (step %d) this run resumed from; keeping the model "
+                "trained in this run (step %d) instead.",
+                checkpoint.get("global_step", 0),
+                self.trainer.global_step,
+            )
+            checkpoint["state_dict"] = self.state_dict()
+            checkpoint.pop("callbacks", None)  # the post-processor's thresholds are callback state too
+        super().on_load_checkpoint(checkpoint)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> "Aand":
+        """Load a trained model (``weights_only=True``, offline); a damaged file raises a clear error."""
+        check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def _check_batch(self, images: torch.Tensor) -> None:
+        """Refuse batches of a size the student cannot mirror (e.g. a pre-processor without Resize)."""
+        size = tuple(images.shape[-2:])
+        if size not in self._accepted_sizes:
+            self._check_input_size(size)
+            self._accepted_sizes.add(size)
+
     def on_fit_start(self) -> None:
         """Load the teacher's ImageNet weights once; a resumed or loaded model already has them."""
         if bool(self.teacher_initialised):
@@ -187,12 +250,14 @@ class Aand(AnomalibModule):
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One optimisation step of the current stage."""
         del args, kwargs
+        self._check_batch(batch.image)
         if self.stage == 1:
             losses = self._stage1_losses(batch.image)
             optimizer = self.optimizers()[0]
         else:
             losses = self._stage2_losses(batch.image)
             optimizer = self.optimizers()[1]
+        check_finite_losses(losses, self.stage, self.current_epoch, self.global_step, self.hparams.learning_rate)
         loss = losses["loss"]
         optimizer.zero_grad()
         self.manual_backward(loss)
@@ -229,6 +294,8 @@ class Aand(AnomalibModule):
 
     def on_train_epoch_start(self) -> None:
         """Freeze what the current stage does not train, and say which stage runs."""
+        if self.stage == 1 and self.synthesizer is None:  # built here: the texture folder may be absent elsewhere
+            self.synthesizer = self._build_synthesizer().to(self.device)
         if self.model.raa is not None:
             self.model.raa.requires_grad_(self.stage == 1)
         if self.current_epoch in {0, self.stage1_epochs}:
@@ -242,6 +309,7 @@ class Aand(AnomalibModule):
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict, so that anomalib computes thresholds and normalisation statistics."""
         del args, kwargs
+        self._check_batch(batch.image)
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
 

@@ -139,10 +139,14 @@ def load_teacher_weights(
     target = teacher.feature_extractor.state_dict()
     missing = [key for key in target if key not in state]
     wrong = [key for key in target if key in state and state[key].shape != target[key].shape]
-    if missing or wrong:
+    # a deeper relative (resnet34 for resnet18) holds every tensor of the teacher: refuse its extra blocks too
+    known = timm.create_model(backbone, pretrained=False).state_dict().keys()
+    unexpected = [key for key in state if key not in known]
+    if missing or wrong or unexpected:
         msg = (
             f"The weights from {source} do not fit backbone {backbone!r}: {len(missing)} of its {len(target)} tensors "
-            f"are missing (e.g. {missing[:3]}) and {len(wrong)} have other shapes (e.g. {wrong[:3]}). "
+            f"are missing (e.g. {missing[:3]}), {len(wrong)} have other shapes (e.g. {wrong[:3]}) and "
+            f"{len(unexpected)} belong to no layer of {backbone!r} (e.g. {unexpected[:3]}). "
             "Use weights saved from the same architecture (a timm or torchvision state dict)."
         )
         raise TeacherError(msg)
