@@ -16,9 +16,10 @@ from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from anomalib.pre_processing import PreProcessor
 from lightning import seed_everything
+from PIL import Image
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from anomalib_aand import Aand
+from anomalib_aand import Aand, infer
 
 from conftest import make_mvtec_dataset
 
@@ -47,14 +48,16 @@ def exported(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
-    """Unseen test images, raw ([0, 1], NCHW), as the exported graph takes them.
+def unseen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of unseen test images. Not the validation images: one of those sits exactly on the
+    threshold, where any rounding flips the label."""
+    return make_mvtec_dataset(tmp_path_factory.mktemp("unseen"), n_train=0, seed=1) / "test"
 
-    Not the validation images: one of those sits exactly on the threshold, where any rounding flips the label.
-    """
-    folder = make_mvtec_dataset(tmp_path_factory.mktemp("unseen"), n_train=0, seed=1)
-    paths = sorted((folder / "test").rglob("*.png"))
-    return torch.stack([read_image(p, as_tensor=True) for p in paths])
+
+@pytest.fixture(scope="module")
+def images(unseen: Path) -> torch.Tensor:
+    """The unseen images, raw ([0, 1], NCHW, sorted by path), as the exported graph takes them."""
+    return torch.stack([read_image(p, as_tensor=True) for p in sorted(unseen.rglob("*.png"))])
 
 
 def _torch_predictions(model: Aand, images: torch.Tensor) -> dict[str, np.ndarray]:
@@ -90,17 +93,19 @@ def test_onnx_runtime_matches_torch(exported: tuple[Aand, Path], images: torch.T
 def test_openvino_inferencer_matches_torch(
     exported: tuple[Aand, Path],
     images: torch.Tensor,
+    unseen: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """OpenVINOInferencer in f32 (the default on bf16 CPUs is bf16) gives torch's scores, maps and labels."""
+    """OpenVINOInferencer in f32 (the default on bf16 CPUs is bf16) gives torch's scores, maps and labels;
+    so does the edge script ``anomalib_aand.infer``, which also writes one overlay per image."""
     import openvino as ov  # noqa: PLC0415
     from anomalib.deploy import OpenVINOInferencer  # noqa: PLC0415
 
     monkeypatch.chdir(tmp_path)  # OpenVINOInferencer writes ./openvino_cache
     model, onnx_path = exported
     xml = tmp_path / "model.xml"
-    ov.save_model(ov.convert_model(onnx_path), xml)
+    ov.save_model(ov.convert_model(onnx_path), xml, compress_to_fp16=False)  # as anomalib's FP32 export
     inferencer = OpenVINOInferencer(path=xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
     predictions = [inferencer.predict(image) for image in images]
     _assert_parity(
@@ -110,6 +115,15 @@ def test_openvino_inferencer_matches_torch(
         np.concatenate([np.asarray(p.pred_label).reshape(-1) for p in predictions]),
     )
     assert (tmp_path / "openvino_cache").is_dir()
+
+    rows = infer.run(xml, unseen, tmp_path / "out")
+    expected = _torch_predictions(model, images)
+    np.testing.assert_allclose([score for _, score, _ in rows], expected["pred_score"].reshape(-1), atol=TOLERANCE, rtol=0)
+    assert [label for _, _, label in rows] == expected["pred_label"].reshape(-1).tolist()
+    overlays = sorted((tmp_path / "out").glob("*_overlay.png"))
+    assert len(overlays) == len(images)
+    assert Image.open(overlays[0]).size == (SIZE, SIZE)
+    assert len((tmp_path / "out" / "scores.csv").read_text().splitlines()) == len(images) + 1
 
 
 def test_dynamic_export_without_resize_names_working_sizes(tmp_path: Path) -> None:
