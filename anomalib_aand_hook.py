@@ -1,29 +1,74 @@
-"""Start-up hook, run by ``anomalib_aand.pth``: registers ``Aand`` in ``anomalib.models`` once that is imported.
+"""Start-up hook, run by ``anomalib_aand.pth``: makes ``anomalib benchmark`` work with Aand.
 
 anomalib 2.7's ``get_model`` (used by ``anomalib benchmark``) only instantiates classes found in
-``anomalib.models``. Importing this module costs one small finder on ``sys.meta_path``; nothing is
-imported until a program itself imports ``anomalib.models``, and then ``anomalib_aand`` is imported
-and registers itself (see ``anomalib_aand.register``). Failures only warn: the hook must never break
-an unrelated program.
+``anomalib.models``. Importing this module puts one small finder on ``sys.meta_path`` and imports
+nothing; only when a program itself imports
+
+- ``anomalib.models``: ``anomalib_aand`` is imported and registers ``Aand`` there
+  (``anomalib_aand.register``);
+- ``anomalib.pipelines.benchmark.job``: ``BenchmarkJob.collect`` is replaced by one that accepts
+  results with different keys. anomalib 2.7's raises ``ValueError: All arrays must be of the same
+  length`` (and writes no results file) as soon as two models in one benchmark differ in their
+  ``init_args`` or metrics, as Aand and ReverseDistillation do.
+
+Failures only warn: the hook must never break an unrelated program.
 """
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
-TARGET = "anomalib.models"
+
+def _register_aand(module: Any) -> None:  # noqa: ANN401
+    del module
+    if "anomalib_aand" in sys.modules:  # being imported (it imported anomalib.models): it registers itself
+        return
+    import anomalib_aand  # noqa: F401, PLC0415  (registers Aand on import)
 
 
-class _AnomalibModelsWatcher:
-    """Meta-path finder that wraps the loader of ``anomalib.models`` to run the registration afterwards."""
+def _collect_results(results: list[dict[str, Any]]) -> Any:  # noqa: ANN401
+    """One row per job; a column a job lacks is empty in its row."""
+    import pandas as pd  # noqa: PLC0415
+
+    return pd.DataFrame(results)
+
+
+def _patch_benchmark_collect(module: Any) -> None:  # noqa: ANN401
+    module.BenchmarkJob.collect = staticmethod(_collect_results)
+
+
+ACTIONS: dict[str, Callable[[Any], None]] = {
+    "anomalib.models": _register_aand,
+    "anomalib.pipelines.benchmark.job": _patch_benchmark_collect,
+}
+
+
+def _run(name: str, module: Any) -> None:  # noqa: ANN401
+    try:
+        ACTIONS[name](module)
+    except Exception as error:  # noqa: BLE001  (a broken plugin must not break anomalib)
+        import warnings  # noqa: PLC0415
+
+        warnings.warn(
+            f"anomalib_aand's start-up hook failed after importing {name} ({type(error).__name__}: {error}). "
+            "`anomalib benchmark` may not find Aand; reinstall anomalib-aand.",
+            stacklevel=2,
+        )
+
+
+class _AnomalibWatcher:
+    """Meta-path finder that wraps the loaders of the modules in ``ACTIONS`` to act once they are executed."""
 
     def __init__(self) -> None:
         self._searching = False
+        self.pending = set(ACTIONS)
 
     def find_spec(self, name: str, path: object = None, target: object = None) -> object:
-        """Return ``anomalib.models``'s own spec with a wrapped loader; ``None`` for every other module."""
+        """The module's own spec with a wrapped loader for the watched modules; ``None`` for every other module."""
         del path, target
-        if name != TARGET or self._searching:
+        if name not in self.pending or self._searching:
             return None
-        from importlib.util import find_spec  # noqa: PLC0415  (only paid when anomalib.models is imported)
+        from importlib.util import find_spec  # noqa: PLC0415  (only paid when a watched module is imported)
 
         self._searching = True
         try:
@@ -34,40 +79,27 @@ class _AnomalibModelsWatcher:
             return spec
         execute = spec.loader.exec_module
 
-        def exec_module(module: object) -> None:
+        def exec_module(module: Any) -> None:  # noqa: ANN401
             execute(module)
-            self.remove()
-            parent, _, child = TARGET.rpartition(".")
+            self.pending.discard(name)
+            if not self.pending and self in sys.meta_path:
+                sys.meta_path.remove(self)
+            parent, _, child = name.rpartition(".")
             setattr(sys.modules[parent], child, module)  # importlib does this only after we return
-            _register()
+            _run(name, module)
 
         spec.loader.exec_module = exec_module
         return spec
 
-    def remove(self) -> None:
-        """Take the watcher off ``sys.meta_path`` (its job is done)."""
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-
-
-def _register() -> None:
-    if "anomalib_aand" in sys.modules:  # being imported (it imported anomalib.models): it registers itself
-        return
-    try:
-        import anomalib_aand  # noqa: F401, PLC0415  (registers Aand on import)
-    except Exception as error:  # noqa: BLE001  (a broken plugin must not break anomalib)
-        import warnings  # noqa: PLC0415
-
-        warnings.warn(
-            f"anomalib_aand could not register Aand in anomalib.models ({type(error).__name__}: {error}). "
-            "Use `class_path: anomalib_aand.Aand` where anomalib allows it, or reinstall anomalib-aand.",
-            stacklevel=2,
-        )
-
 
 def install() -> None:
-    """Put the watcher on ``sys.meta_path`` unless ``anomalib.models`` is already imported (then register now)."""
-    if TARGET in sys.modules:
-        _register()
-    elif not any(isinstance(finder, _AnomalibModelsWatcher) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _AnomalibModelsWatcher())
+    """Act now for watched modules already imported; watch for the others."""
+    if any(isinstance(finder, _AnomalibWatcher) for finder in sys.meta_path):
+        return
+    watcher = _AnomalibWatcher()
+    for name in list(watcher.pending):
+        if name in sys.modules:
+            watcher.pending.discard(name)
+            _run(name, sys.modules[name])
+    if watcher.pending:
+        sys.meta_path.insert(0, watcher)

@@ -84,6 +84,9 @@ def measure(backbone: str, amplification: bool, args: argparse.Namespace, workdi
     import openvino as ov  # noqa: PLC0415
 
     model = Aand(backbone=backbone, layers=TEACHERS[backbone], pre_trained=False, stage1_epochs=1 if amplification else 0).eval()
+    # An untrained model's normalisation statistics are NaN, which INT8 compilation rejects: set finite ones.
+    for name, value in (("_image_threshold", 0.5), ("_pixel_threshold", 0.5), ("image_min", 0.0), ("pixel_min", 0.0), ("image_max", 1.0), ("pixel_max", 1.0)):
+        getattr(model.post_processor, name).fill_(value)
     row: dict[str, object] = {"teacher": backbone, "model": "AAND" if amplification else "RD student"}
     row["params_M"] = sum(p.numel() for p in model.model.parameters()) / 1e6
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
