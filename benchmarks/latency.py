@@ -151,6 +151,7 @@ def write_report(rows: list[dict[str, object]], out: Path, header: str) -> None:
     (out / "latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
+    plt.close("all")
     figure, axes = plt.subplots(1, len(BATCHES), figsize=(6 * len(BATCHES), 4), sharey=False)
     runtimes = ["torch eager", "OpenVINO FP32", "OpenVINO INT8"]
     labels = [f"{r['model']}\n{r['teacher']}" for r in rows]
@@ -185,11 +186,11 @@ def main() -> None:
             for amplification in (True, False):
                 rows.append(measure(backbone, amplification, args, Path(workdir)))
                 loads.append(load_average())
-    header = (
-        f"CPU: {cpu_name()}; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-        f"load average (1/5/15 min) during the run: {loads[0]} ... {loads[-1]}"
-    )
-    write_report(rows, args.out, header)
+                header = (
+                    f"CPU: {cpu_name()}; torch {torch.__version__} ({torch.get_num_threads()} threads); "
+                    f"load average (1/5/15 min) during the run: {loads[0]} ... {loads[-1]}"
+                )
+                write_report(rows, args.out, header)  # after every model, so an interrupted run keeps its rows
 
 
 if __name__ == "__main__":
