@@ -96,12 +96,13 @@ def measure(backbone: str, amplification: bool, args: argparse.Namespace, workdi
     export_root = workdir / f"{backbone}_{row['model'].replace(' ', '_')}"
     xml = model.to_openvino(export_root, input_size=(SIZE, SIZE))
     core = ov.Core()
+    threads = {"INFERENCE_NUM_THREADS": args.threads} if args.threads else {}
     fp32 = core.read_model(xml)
     calibration = nncf.Dataset(calibration_images(args.calibration, args.calibration_size))
     int8 = nncf.quantize(fp32, calibration, subset_size=args.calibration_size)
     compiled = {
-        "OpenVINO FP32": core.compile_model(fp32, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}),
-        "OpenVINO INT8": core.compile_model(int8, "CPU"),
+        "OpenVINO FP32": core.compile_model(fp32, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **threads}),
+        "OpenVINO INT8": core.compile_model(int8, "CPU", threads),
     }
     for batch in BATCHES:
         images = torch.rand(batch, 3, SIZE, SIZE)
@@ -177,7 +178,10 @@ def main() -> None:
     parser.add_argument("--calibration-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="threads for torch and OpenVINO (default: all cores)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     loads = [load_average()]
     rows = []
