@@ -327,6 +327,36 @@ class Aand(AnomalibModule):
             ],
         )
 
+    # ------------------------------------------------------------------ export
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,  # noqa: ANN401  (passed on to anomalib and torch.onnx.export)
+    ) -> Path:
+        """anomalib's ONNX export (also the first step of its OpenVINO export), after checking the input size.
+
+        With a Resize in the pre-processor (the default) the graph takes images of any size. Without one,
+        the model sees the raw size, so the export needs a fixed ``input_size`` that suits the student.
+        ONNX opset 18 is the default: the exporter writes it natively (anomalib asks for 14 and warns).
+        """
+        if self.input_size is None:
+            if input_size is None:
+                stride = 2 * self.model.reductions[-1]
+                msg = (
+                    "Dynamic input size needs a Resize in the pre-processor. This model's pre-processor has none, so "
+                    f"the exported graph would see raw images, and backbone {self.hparams.backbone!r} with layers "
+                    f"{list(self.hparams.layers)} only takes heights and widths that are multiples of {stride} "
+                    f"(e.g. {2 * stride}, {4 * stride}, 256). Export with a fixed size (`--input_size '[256,256]'`, "
+                    "`input_size=(256, 256)`), or train with the default pre-processor (Resize + Normalize), whose "
+                    "exported graph takes any image size."
+                )
+                raise ValueError(msg)
+            self._check_input_size(tuple(input_size))
+        kwargs.setdefault("opset_version", 18)
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         """Both stages in one fit; validation (thresholds) once, after the last epoch."""

@@ -1,0 +1,105 @@
+"""Start-up hook, run by ``anomalib_aand.pth``: makes ``anomalib benchmark`` work with Aand.
+
+anomalib 2.7's ``get_model`` (used by ``anomalib benchmark``) only instantiates classes found in
+``anomalib.models``. Importing this module puts one small finder on ``sys.meta_path`` and imports
+nothing; only when a program itself imports
+
+- ``anomalib.models``: ``anomalib_aand`` is imported and registers ``Aand`` there
+  (``anomalib_aand.register``);
+- ``anomalib.pipelines.benchmark.job``: ``BenchmarkJob.collect`` is replaced by one that accepts
+  results with different keys. anomalib 2.7's raises ``ValueError: All arrays must be of the same
+  length`` (and writes no results file) as soon as two models in one benchmark differ in their
+  ``init_args`` or metrics, as Aand and ReverseDistillation do.
+
+Failures only warn: the hook must never break an unrelated program.
+"""
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+def _register_aand(module: Any) -> None:  # noqa: ANN401
+    del module
+    if "anomalib_aand" in sys.modules:  # being imported (it imported anomalib.models): it registers itself
+        return
+    import anomalib_aand  # noqa: F401, PLC0415  (registers Aand on import)
+
+
+def _collect_results(results: list[dict[str, Any]]) -> Any:  # noqa: ANN401
+    """One row per job; a column a job lacks is empty in its row."""
+    import pandas as pd  # noqa: PLC0415
+
+    return pd.DataFrame(results)
+
+
+def _patch_benchmark_collect(module: Any) -> None:  # noqa: ANN401
+    module.BenchmarkJob.collect = staticmethod(_collect_results)
+
+
+ACTIONS: dict[str, Callable[[Any], None]] = {
+    "anomalib.models": _register_aand,
+    "anomalib.pipelines.benchmark.job": _patch_benchmark_collect,
+}
+
+
+def _run(name: str, module: Any) -> None:  # noqa: ANN401
+    try:
+        ACTIONS[name](module)
+    except Exception as error:  # noqa: BLE001  (a broken plugin must not break anomalib)
+        import warnings  # noqa: PLC0415
+
+        warnings.warn(
+            f"anomalib_aand's start-up hook failed after importing {name} ({type(error).__name__}: {error}). "
+            "`anomalib benchmark` may not find Aand; reinstall anomalib-aand.",
+            stacklevel=2,
+        )
+
+
+class _AnomalibWatcher:
+    """Meta-path finder that wraps the loaders of the modules in ``ACTIONS`` to act once they are executed."""
+
+    def __init__(self) -> None:
+        self._searching = False
+        self.pending = set(ACTIONS)
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
+        """The module's own spec with a wrapped loader for the watched modules; ``None`` for every other module."""
+        del path, target
+        if name not in self.pending or self._searching:
+            return None
+        from importlib.util import find_spec  # noqa: PLC0415  (only paid when a watched module is imported)
+
+        self._searching = True
+        try:
+            spec = find_spec(name)
+        finally:
+            self._searching = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:  # noqa: ANN401
+            execute(module)
+            self.pending.discard(name)
+            if not self.pending and self in sys.meta_path:
+                sys.meta_path.remove(self)
+            parent, _, child = name.rpartition(".")
+            setattr(sys.modules[parent], child, module)  # importlib does this only after we return
+            _run(name, module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    """Act now for watched modules already imported; watch for the others."""
+    if any(isinstance(finder, _AnomalibWatcher) for finder in sys.meta_path):
+        return
+    watcher = _AnomalibWatcher()
+    for name in list(watcher.pending):
+        if name in sys.modules:
+            watcher.pending.discard(name)
+            _run(name, sys.modules[name])
+    if watcher.pending:
+        sys.meta_path.insert(0, watcher)

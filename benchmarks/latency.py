@@ -1,0 +1,201 @@
+"""CPU latency of AAND and of the plain reverse-distillation student: torch eager, OpenVINO FP32 and INT8.
+
+For each teacher (EfficientNet-Lite0, ResNet-18) two models are built on the same teacher: AAND (RAA
+modules + student) and ``Aand(stage1_epochs=0)``, which has no RAA modules (the plain RD4AD student).
+Each is timed as anomalib exports it (pre-process -> model -> post-process) on raw 256 px images at
+batch 1 and 8: median milliseconds per image over ``--repeats`` runs after ``--warmup`` runs.
+OpenVINO FP32 runs with ``INFERENCE_PRECISION_HINT=f32``; INT8 is NNCF post-training quantisation of
+the FP32 IR, calibrated on ``--calibration`` images (training images). Weights are random: latency does
+not depend on them. Also prints parameters and GFLOPs (torch FLOP counter: one multiply-add = 2 FLOPs).
+
+    python benchmarks/latency.py --calibration datasets/demo/brick/train/good --out results/latency
+
+Writes ``latency.md`` (Markdown table with the CPU's name and load), ``latency.csv`` and ``latency.png``.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from anomalib_aand import Aand
+
+TEACHERS = {
+    "tf_efficientnet_lite0": ("blocks.1", "blocks.2", "blocks.4"),
+    "resnet18": ("layer1", "layer2", "layer3"),
+}
+SIZE = 256
+BATCHES = (1, 8)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    """1/5/15-minute load averages: other processes on the machine slow every timing."""
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def median_ms_per_image(run: Callable[[], object], batch: int, warmup: int, repeats: int) -> float:
+    """Median wall time of ``run`` per image, in ms, warm-up runs excluded."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times) / batch
+
+
+def calibration_images(folder: Path | None, count: int) -> list[np.ndarray]:
+    """Up to ``count`` images from ``folder`` as raw (1, 3, 256, 256) arrays in [0, 1]; random ones without a folder."""
+    if folder is None:
+        rng = np.random.default_rng(0)
+        return [rng.random((1, 3, SIZE, SIZE), dtype=np.float32) for _ in range(count)]
+    from anomalib.data.utils import read_image  # noqa: PLC0415
+
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"})[:count]
+    if not paths:
+        msg = f"No images in --calibration {str(folder)!r}."
+        raise FileNotFoundError(msg)
+    images = [torch.nn.functional.interpolate(read_image(p, as_tensor=True)[None], size=(SIZE, SIZE), mode="bilinear") for p in paths]
+    return [image.numpy() for image in images]
+
+
+def measure(backbone: str, amplification: bool, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
+    """Parameters, GFLOPs and latencies of one model."""
+    import nncf  # noqa: PLC0415
+    import openvino as ov  # noqa: PLC0415
+
+    model = Aand(backbone=backbone, layers=TEACHERS[backbone], pre_trained=False, stage1_epochs=1 if amplification else 0).eval()
+    # An untrained model's normalisation statistics are NaN, which INT8 compilation rejects: set finite ones.
+    for name, value in (("_image_threshold", 0.5), ("_pixel_threshold", 0.5), ("image_min", 0.0), ("pixel_min", 0.0), ("image_max", 1.0), ("pixel_max", 1.0)):
+        getattr(model.post_processor, name).fill_(value)
+    row: dict[str, object] = {"teacher": backbone, "model": "AAND" if amplification else "RD student"}
+    row["params_M"] = sum(p.numel() for p in model.model.parameters()) / 1e6
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.model(torch.zeros(1, 3, SIZE, SIZE))
+    row["GFLOPs"] = counter.get_total_flops() / 1e9
+
+    export_root = workdir / f"{backbone}_{row['model'].replace(' ', '_')}"
+    xml = model.to_openvino(export_root, input_size=(SIZE, SIZE))
+    core = ov.Core()
+    threads = {"INFERENCE_NUM_THREADS": args.threads} if args.threads else {}
+    fp32 = core.read_model(xml)
+    calibration = nncf.Dataset(calibration_images(args.calibration, args.calibration_size))
+    int8 = nncf.quantize(fp32, calibration, subset_size=args.calibration_size)
+    compiled = {
+        "OpenVINO FP32": core.compile_model(fp32, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **threads}),
+        "OpenVINO INT8": core.compile_model(int8, "CPU", threads),
+    }
+    for batch in BATCHES:
+        images = torch.rand(batch, 3, SIZE, SIZE)
+        with torch.inference_mode():
+            row[f"torch eager b{batch}"] = median_ms_per_image(lambda: model(images), batch, args.warmup, args.repeats)
+        for name, network in compiled.items():
+            array = images.numpy()
+            row[f"{name} b{batch}"] = median_ms_per_image(lambda: network(array), batch, args.warmup, args.repeats)
+    print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    return row
+
+
+def write_report(rows: list[dict[str, object]], out: Path, header: str) -> None:
+    """Markdown table, CSV and a bar chart."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import pandas as pd  # noqa: PLC0415
+
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / "latency.csv", index=False)
+    lines = [header, "", "ms per image (median), 256 px; speed-up over torch eager in brackets.", ""]
+    columns = ["teacher", "model", "params (M)", "GFLOPs"]
+    for batch in BATCHES:
+        columns += [f"torch b{batch}", f"OV FP32 b{batch}", f"OV INT8 b{batch}"]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [str(row["teacher"]), str(row["model"]), f"{row['params_M']:.2f}", f"{row['GFLOPs']:.2f}"]
+        for batch in BATCHES:
+            eager = row[f"torch eager b{batch}"]
+            cells.append(f"{eager:.1f}")
+            for name in ("OpenVINO FP32", "OpenVINO INT8"):
+                value = row[f"{name} b{batch}"]
+                cells.append(f"{value:.1f} ({eager / value:.2f}x)")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "AAND / RD student latency ratio (same teacher, same runtime):", ""]
+    for teacher in dict.fromkeys(r["teacher"] for r in rows):
+        pair = {r["model"]: r for r in rows if r["teacher"] == teacher}
+        if {"AAND", "RD student"} <= pair.keys():
+            ratios = [
+                f"{key}: {pair['AAND'][key] / pair['RD student'][key]:.2f}x"
+                for key in pair["AAND"]
+                if key.endswith(("b1", "b8"))
+            ]
+            lines.append(f"- {teacher}: " + ", ".join(ratios))
+    (out / "latency.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    plt.close("all")
+    figure, axes = plt.subplots(1, len(BATCHES), figsize=(6 * len(BATCHES), 4), sharey=False)
+    runtimes = ["torch eager", "OpenVINO FP32", "OpenVINO INT8"]
+    labels = [f"{r['model']}\n{r['teacher']}" for r in rows]
+    for axis, batch in zip(np.atleast_1d(axes), BATCHES, strict=True):
+        x = np.arange(len(rows))
+        for i, runtime in enumerate(runtimes):
+            axis.bar(x + (i - 1) * 0.27, [r[f"{runtime} b{batch}"] for r in rows], width=0.27, label=runtime)
+        axis.set_xticks(x, labels, fontsize=8)
+        axis.set_ylabel("ms / image (median)")
+        axis.set_title(f"batch {batch}, {SIZE} px")
+        axis.legend(fontsize=8)
+    figure.suptitle(header.removeprefix("CPU: "), fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out / "latency.png", dpi=120)
+
+
+def main() -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("results/latency"))
+    parser.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
+    parser.add_argument("--calibration", type=Path, default=None, help="training images for INT8 calibration (default: random)")
+    parser.add_argument("--calibration-size", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=0, help="threads for torch and OpenVINO (default: all cores)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    loads = [load_average()]
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for backbone in args.teachers:
+            for amplification in (True, False):
+                rows.append(measure(backbone, amplification, args, Path(workdir)))
+                loads.append(load_average())
+                header = (
+                    f"CPU: {cpu_name()}; torch {torch.__version__} ({torch.get_num_threads()} threads); "
+                    f"load average (1/5/15 min) during the run: {loads[0]} ... {loads[-1]}"
+                )
+                write_report(rows, args.out, header)  # after every model, so an interrupted run keeps its rows
+
+
+if __name__ == "__main__":
+    main()
