@@ -133,9 +133,9 @@ class Aand(AnomalibModule):
             self._check_input_size(tuple(self.input_size))
         self.synthesizer = self._build_synthesizer() if stage1_epochs > 0 else None
         self.register_buffer("teacher_initialised", torch.tensor(False))
+        self.automatic_optimization = False
         self._feature_cache: FeatureCache | None = None  # a plain attribute: never in a checkpoint
         self._cache_decided = False
-        self.automatic_optimization = False
 
     # ------------------------------------------------------------------ set-up
     def _build_synthesizer(self) -> AnomalySynthesizer:

@@ -78,7 +78,8 @@ class FeatureCache:
         if self._projection is None or self._projection.shape[1] != flat.shape[1]:
             generator = torch.Generator().manual_seed(0)
             self._projection = torch.randn(2, flat.shape[1], generator=generator, dtype=torch.float64)
-        return (flat @ self._projection.to(flat.device).t()).cpu()
+        self._projection = self._projection.to(flat.device)
+        return (flat @ self._projection.t()).cpu()
 
     def get(self, paths: Sequence[str], images: torch.Tensor) -> list[torch.Tensor] | None:
         """The batch's cached features (float32, on the images' device), or ``None`` if any image is missing.
