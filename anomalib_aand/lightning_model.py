@@ -25,8 +25,8 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torchvision.transforms.v2 import Normalize
 
-from .components.feature_cache import FeatureCache, StaleCacheError, random_transforms
 from .components.synthesis import AnomalySynthesizer, mask_at
+from .components.feature_cache import FeatureCache, StaleCacheError, random_transforms
 from .components.teacher import load_teacher_weights
 from .loss import amplification_loss, cosine_loss, focal_loss, hkd_loss
 from .torch_model import AandModel
