@@ -206,7 +206,7 @@ class Aand(AnomalibModule):
             losses = self._stage1_losses(batch.image)
             optimizer = self.optimizers()[0]
         else:
-            losses = self._stage2_losses(batch.image, batch.image_path)
+            losses = self._stage2_losses(batch.image, getattr(batch, "image_path", None))
             optimizer = self.optimizers()[1]
         loss = losses["loss"]
         optimizer.zero_grad()
