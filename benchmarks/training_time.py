@@ -24,6 +24,7 @@ from anomalib.models import ReverseDistillation
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
 from anomalib_aand import Aand
+from anomalib_aand.components.feature_cache import FeatureCache
 from anomalib_aand.components.student import uses_resnet_student
 
 LAYERS = {"tf_efficientnet_lite0": ("blocks.1", "blocks.2", "blocks.4")}
@@ -90,6 +91,40 @@ def measure(backbone: str, root: Path, args: argparse.Namespace) -> dict:
     return row
 
 
+def interleaved_steps(backbone: str, args: argparse.Namespace) -> dict:
+    """Stage-2 optimisation steps, uncached and from a float16 cache, alternated so load drift hits both alike."""
+    layers = LAYERS.get(backbone, ("layer1", "layer2", "layer3"))
+    model = Aand(backbone=backbone, layers=layers, pre_trained=False, evaluator=False, visualizer=False)
+    model.model.train()
+    optimizer = torch.optim.Adam([*model.model.bottleneck.parameters(), *model.model.decoder.parameters()], lr=0.005)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
+    paths = [str(i) for i in range(args.batch_size)]
+    cache = FeatureCache(torch.float16)
+    with torch.no_grad():
+        cache.put(paths, images, model.model.amplified_features(images))
+
+    def step(cached: bool) -> float:
+        start = time.perf_counter()
+        if cached:
+            amplified = cache.get(paths, images)
+        else:
+            with torch.no_grad():
+                amplified = model.model.amplified_features(images)
+        loss = model._distillation_loss(amplified, model.model.distill(amplified))  # noqa: SLF001
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    step(True), step(False)  # warm-up
+    times: dict[str, list[float]] = {"cached": [], "uncached": []}
+    for _ in range(args.interleaved):
+        times["uncached"].append(step(False))
+        times["cached"].append(step(True))
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"step_cached_s": median["cached"], "step_uncached_s": median["uncached"], "step_ratio": median["cached"] / median["uncached"]}
+
+
 def measure_rd(backbone: str, root: Path, args: argparse.Namespace) -> dict:
     """Epoch time of anomalib's ReverseDistillation (training only)."""
     before = _load()
@@ -118,17 +153,22 @@ def main() -> None:
     parser.add_argument("--rd-epochs", type=int, default=200)
     parser.add_argument("--workers", type=int, default=0, help="data loader workers")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--interleaved", type=int, default=5, help="alternated cached/uncached stage-2 steps (0: skip)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("anomalib_aand").setLevel(logging.INFO)  # says whether stage 2 used the cache
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} torch threads"
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         _data_maker()(root, n_train=args.train_images, n_good=2, n_bad=2, size=args.image_size)
         rows = [measure(backbone, root, args) for backbone in args.backbones]
+        for row in rows:
+            row.update(interleaved_steps(row["backbone"], args) if args.interleaved else {})
         rd = measure_rd(args.rd_backbone, root, args)
 
     print(f"\nDevice: {device}; {args.train_images} train images of {args.image_size} px, batch {args.batch_size}.")
@@ -144,6 +184,10 @@ def main() -> None:
             f"{row['aand_total_cached_s'] / rd['total_s']:.2f} | {row['load_before']} -> {row['load_after']} |"
         )
     figures = {"device": device, "args": {k: str(v) for k, v in vars(args).items()}, "aand": rows, "reverse_distillation": rd}
+    if args.interleaved:
+        print(f"\nStage-2 steps alternated {args.interleaved}x (median s per step, cached / uncached):")
+        for row in rows:
+            print(f"- {row['backbone']}: {row['step_cached_s']:.2f} / {row['step_uncached_s']:.2f} = {row['step_ratio']:.2f}")
     print("\n" + json.dumps(figures, indent=1))
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=1))
