@@ -99,6 +99,6 @@ class FeatureCache:
 
     def put(self, paths: Sequence[str], images: torch.Tensor, features: Sequence[torch.Tensor]) -> None:
         """Store each image's features (detached, CPU, ``dtype``) under its path."""
-        stored = [f.detach().to("cpu", self.dtype) for f in features]
+        stored = [f.detach().to("cpu", self.dtype, copy=True) for f in features]  # never alias the step's tensors
         for i, (path, fingerprint) in enumerate(zip(paths, self.fingerprints(images), strict=True)):
             self.entries[path] = ([f[i] for f in stored], fingerprint)
