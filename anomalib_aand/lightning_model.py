@@ -136,6 +136,7 @@ class Aand(AnomalibModule):
         self.automatic_optimization = False
         self._feature_cache: FeatureCache | None = None  # a plain attribute: never in a checkpoint
         self._cache_decided = False
+        self._batch_paths: Sequence[str] | None = None
 
     # ------------------------------------------------------------------ set-up
     def _build_synthesizer(self) -> AnomalySynthesizer:
@@ -206,7 +207,7 @@ class Aand(AnomalibModule):
             losses = self._stage1_losses(batch.image)
             optimizer = self.optimizers()[0]
         else:
-            losses = self._stage2_losses(batch.image, getattr(batch, "image_path", None))
+            losses = self._stage2_losses(batch.image)
             optimizer = self.optimizers()[1]
         loss = losses["loss"]
         optimizer.zero_grad()
@@ -234,8 +235,8 @@ class Aand(AnomalibModule):
         loss = focal + self.hparams.amplification_weight * amplification
         return {"loss": loss, "focal": focal, "amplification": amplification}
 
-    def _stage2_losses(self, images: torch.Tensor, paths: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        amplified = self._stage2_targets(images, paths)
+    def _stage2_losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        amplified = self._stage2_targets(images, self._batch_paths)
         return {"loss": self._distillation_loss(amplified, self.model.distill(amplified))}
 
     def _distillation_loss(self, amplified: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -332,6 +333,11 @@ class Aand(AnomalibModule):
             return len(self.trainer.train_dataloader.dataset)
         except (AttributeError, TypeError):
             return self.trainer.num_training_batches * batch_size
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        """Remember the batch's image paths: the keys of the stage-2 feature cache."""
+        del batch_idx
+        self._batch_paths = getattr(batch, "image_path", None)
 
     def on_train_start(self) -> None:
         """A new fit (or a resumed one) builds its own feature cache in stage 2."""
