@@ -35,11 +35,15 @@ from .components.checks import (
     check_finite_losses,
 )
 from .components.synthesis import AnomalySynthesizer, mask_at
+from .components.feature_cache import FeatureCache, StaleCacheError, random_transforms
 from .components.teacher import load_teacher_weights
 from .loss import amplification_loss, cosine_loss, focal_loss, hkd_loss
 from .torch_model import AandModel
 
 logger = logging.getLogger(__name__)
+
+# Stage-2 features are cached in float16 when that moves the first batch's loss by at most this share.
+HALF_PRECISION_RTOL = 1e-3
 
 
 class Aand(AnomalibModule):
@@ -66,6 +70,10 @@ class Aand(AnomalibModule):
         anomaly_source_path: Folder of textures for the synthetic anomalies (paper: DTD); ``None``
             blends Perlin noise.
         foreground_mask: Keep synthetic anomalies on an automatic foreground mask.
+        cache_features: In stage 2, compute the frozen amplified features of each training image once
+            and train the student from that cache, when the training images are the same every epoch
+            (checked); ``False`` recomputes them every step.
+        cache_budget_gb: Host memory the stage-2 feature cache may take; above it stage 2 runs uncached.
         pre_processor: anomalib pre-processor, or ``True`` for Resize(256) + ImageNet Normalize.
         post_processor: anomalib post-processor, or ``True`` for the default.
         evaluator: anomalib evaluator, or ``True`` for image/pixel AUROC, F1 and AUPRO.
@@ -92,6 +100,8 @@ class Aand(AnomalibModule):
         anomaly_probability: float = 0.8,
         anomaly_source_path: str | None = None,
         foreground_mask: bool = False,
+        cache_features: bool = True,
+        cache_budget_gb: float = 4.0,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -116,6 +126,9 @@ class Aand(AnomalibModule):
         if not 0.0 <= anomaly_probability <= 1.0:
             msg = f"anomaly_probability must lie in [0, 1], got {anomaly_probability}."
             raise ValueError(msg)
+        if not (isinstance(cache_budget_gb, int | float) and math.isfinite(cache_budget_gb) and cache_budget_gb >= 0):
+            msg = f"cache_budget_gb must be a number of gigabytes >= 0, got {cache_budget_gb!r}."
+            raise ValueError(msg)
         self.stage1_epochs = stage1_epochs
         self.stage2_epochs = stage2_epochs
         self.model = AandModel(
@@ -131,6 +144,9 @@ class Aand(AnomalibModule):
         self.register_buffer("teacher_initialised", torch.tensor(False))
         self._accepted_sizes: set[tuple[int, ...]] = set()
         self.automatic_optimization = False
+        self._feature_cache: FeatureCache | None = None  # a plain attribute: never in a checkpoint
+        self._cache_decided = False
+        self._batch_paths: Sequence[str] | None = None
 
     # ------------------------------------------------------------------ set-up
     def _build_synthesizer(self) -> AnomalySynthesizer:
@@ -285,12 +301,116 @@ class Aand(AnomalibModule):
         return {"loss": loss, "focal": focal, "amplification": amplification}
 
     def _stage2_losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        amplified = self._stage2_targets(images, self._batch_paths)
+        return {"loss": self._distillation_loss(amplified, self.model.distill(amplified))}
+
+    def _distillation_loss(self, amplified: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.hparams.distillation_loss == "hkd":
+            return hkd_loss(amplified, student, self.hparams.hkd_top_k)
+        return cosine_loss(amplified, student)
+
+    # ------------------------------------------------------- stage-2 feature cache
+    def _stage2_targets(self, images: torch.Tensor, paths: Sequence[str] | None) -> list[torch.Tensor]:
+        """Frozen amplified features of the batch: from the cache when it holds them, else computed (and cached)."""
+        cache = self._feature_cache
+        if cache is not None:
+            try:
+                cached = cache.get(paths, images)
+            except StaleCacheError as error:
+                logger.warning("%s Stage 2 continues without the feature cache.", error)
+                self._feature_cache = cache = None
+            else:
+                if cached is not None:
+                    return cached
         with torch.no_grad():
             amplified = self.model.amplified_features(images)
-        student = self.model.distill(amplified)
-        if self.hparams.distillation_loss == "hkd":
-            return {"loss": hkd_loss(amplified, student, self.hparams.hkd_top_k)}
-        return {"loss": cosine_loss(amplified, student)}
+        if not self._cache_decided:
+            self._cache_decided = True
+            self._feature_cache = cache = self._start_feature_cache(images, paths, amplified)
+        if cache is not None:
+            cache.put(paths, images, amplified)
+        return amplified
+
+    def _start_feature_cache(
+        self,
+        images: torch.Tensor,
+        paths: Sequence[str] | None,
+        amplified: Sequence[torch.Tensor],
+    ) -> FeatureCache | None:
+        """On the first stage-2 batch: a cache if it may and can be used, else ``None`` and a log line saying why."""
+        reason = self._cache_blocker(paths)
+        if reason is None:
+            dtype = self._cache_dtype(amplified)
+            images_total = self._num_train_images(len(images))
+            needed_gb = images_total * FeatureCache.bytes_per_image(amplified, dtype) / 1e9
+            if needed_gb > self.hparams.cache_budget_gb:
+                reason = (
+                    f"it would take {needed_gb:.3g} GB for {images_total} images, over cache_budget_gb="
+                    f"{self.hparams.cache_budget_gb}; raise the budget to use it"
+                )
+        if reason is not None:
+            log = logger.warning if self.hparams.cache_features else logger.info
+            log("AAND stage 2 recomputes the teacher features every step: %s.", reason)
+            return None
+        logger.info(
+            "AAND stage 2 trains from cached teacher features: %d images, %.3g GB in %s.",
+            images_total,
+            needed_gb,
+            str(dtype).removeprefix("torch."),
+        )
+        return FeatureCache(dtype)
+
+    def _cache_blocker(self, paths: Sequence[str] | None) -> str | None:
+        """Why stage 2 cannot use the feature cache, or ``None``."""
+        if not self.hparams.cache_features:
+            return "cache_features=False"
+        if paths is None or any(path is None for path in paths):
+            return "the training batches carry no image paths to key the cache by"
+        datamodule = getattr(self.trainer, "datamodule", None)
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        transforms = [
+            getattr(datamodule, "train_augmentations", None),
+            getattr(dataset, "augmentations", None),
+            self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None,
+        ]
+        if found := sorted({name for transform in transforms for name in random_transforms(transform)}):
+            return f"the training transforms are random ({', '.join(found)}), so the features change every epoch"
+        return None
+
+    def _cache_dtype(self, amplified: Sequence[torch.Tensor]) -> torch.dtype:
+        """float16 when it fits the features and leaves the first batch's loss within ``HALF_PRECISION_RTOL``."""
+        half_max = torch.finfo(torch.float16).max
+        if any(f.abs().amax() >= half_max for f in amplified):
+            return torch.float32
+        student = [self.model.bottleneck, self.model.decoder]
+        buffers = [b for module in student for b in module.buffers()]
+        saved = [b.clone() for b in buffers]  # the probe must not move BatchNorm's running statistics
+        with torch.no_grad():
+            full = self._distillation_loss(amplified, self.model.distill(amplified))
+            rounded = [f.half().float() for f in amplified]
+            half = self._distillation_loss(rounded, self.model.distill(rounded))
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)
+        return torch.float16 if abs(float(half - full)) <= HALF_PRECISION_RTOL * abs(float(full)) else torch.float32
+
+    def _num_train_images(self, batch_size: int) -> int:
+        try:
+            return len(self.trainer.train_dataloader.dataset)
+        except (AttributeError, TypeError):
+            return self.trainer.num_training_batches * batch_size
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        """Remember the batch's image paths: the keys of the stage-2 feature cache."""
+        del batch_idx
+        self._batch_paths = getattr(batch, "image_path", None)
+
+    def on_train_start(self) -> None:
+        """A new fit (or a resumed one) builds its own feature cache in stage 2."""
+        self._feature_cache, self._cache_decided = None, False
+
+    def on_train_end(self) -> None:
+        """Free the feature cache; it must not travel with the model."""
+        self._feature_cache = None
 
     def on_train_epoch_start(self) -> None:
         """Freeze what the current stage does not train, and say which stage runs."""

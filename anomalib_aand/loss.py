@@ -50,9 +50,9 @@ def amplification_loss(
         return amplified.sum() * 0.0
     plain, boosted = _positions(features), _positions(amplified)
     reference = F.normalize(plain[normal_idx], dim=1)
-    similarity_teacher = reference @ F.normalize(plain[anomalous_idx], dim=1).t()
-    similarity_amplified = reference @ F.normalize(boosted[anomalous_idx], dim=1).t()
-    return torch.relu(similarity_amplified - (similarity_teacher - margin)).mean()
+    # cos(F_n, F^A_a) - cos(F_n, F_a) as one product: a single (normal x anomalous) matrix, not three
+    shift = F.normalize(boosted[anomalous_idx], dim=1) - F.normalize(plain[anomalous_idx], dim=1)
+    return (reference @ shift.t()).add_(margin).relu_().mean()
 
 
 def hkd_loss(targets: Sequence[torch.Tensor], students: Sequence[torch.Tensor], top_k: int = 10) -> torch.Tensor:

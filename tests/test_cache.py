@@ -1,0 +1,221 @@
+"""Stage-2 feature cache: same losses and weights as the plain loop, safe fallbacks, not in checkpoints."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.pre_processing import PreProcessor
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from torchvision.transforms import v2
+
+from anomalib_aand import Aand
+from anomalib_aand import lightning_model as lm
+from anomalib_aand.components.feature_cache import FeatureCache, random_transforms
+
+from conftest import make_mvtec_dataset
+
+SIZE = 64
+
+
+class LossRecorder(Callback):
+    """Every training step's loss and the student's weights after each epoch."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.losses.append(float(outputs["loss"]))
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        student = {**pl_module.model.bottleneck.state_dict(prefix="b."), **pl_module.model.decoder.state_dict(prefix="d.")}
+        self.weights.append({k: v.detach().clone() for k, v in student.items()})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> None:
+    """Many tiny convolutions: one thread is faster and steadier on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cache")
+    make_mvtec_dataset(root, n_train=12, n_good=2, n_bad=2, size=SIZE)
+    return root
+
+
+def _fit(
+    root: Path,
+    epochs: int = 3,
+    augmentations: v2.Transform | None = None,
+    ckpt_path: Path | None = None,
+    save_to: Path | None = None,
+    stage2_epochs: int = 2,
+    **model_args,
+) -> tuple[Aand, LossRecorder]:
+    seed_everything(0, workers=True)
+    pre_processor = PreProcessor(
+        transform=v2.Compose([v2.Resize((SIZE, SIZE)), v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]),
+    )
+    model = Aand(
+        backbone="resnet18",
+        pre_trained=False,
+        stage1_epochs=1,
+        stage2_epochs=stage2_epochs,
+        pre_processor=pre_processor,
+        evaluator=False,
+        visualizer=False,
+        **model_args,
+    )
+    datamodule = MVTecAD(
+        root=root,
+        category="toy",
+        train_batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+        train_augmentations=augmentations,
+    )
+    recorder = LossRecorder()
+    trainer = Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[recorder],
+    )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if save_to is not None:
+        trainer.save_checkpoint(save_to)
+    return model, recorder
+
+
+def _stage2(recorder: LossRecorder) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
+    steps_per_epoch = len(recorder.losses) // len(recorder.weights)
+    return recorder.losses[steps_per_epoch:], recorder.weights[1:]
+
+
+def _assert_same_weights(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor], atol: float) -> None:
+    assert left.keys() == right.keys()
+    for name in left:
+        torch.testing.assert_close(left[name], right[name], rtol=0, atol=atol, msg=f"student weight {name} differs")
+
+
+@pytest.fixture(scope="module")
+def plain_run(data_root: Path) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
+    return _stage2(_fit(data_root, cache_features=False)[1])
+
+
+@pytest.fixture
+def caches(monkeypatch: pytest.MonkeyPatch) -> list[FeatureCache | None]:
+    """Every feature cache (or ``None``) a fit decides on."""
+    seen: list[FeatureCache | None] = []
+    original = lm.Aand._start_feature_cache
+
+    def spy(self: Aand, *args) -> FeatureCache | None:
+        cache = original(self, *args)
+        seen.append(cache)
+        return cache
+
+    monkeypatch.setattr(lm.Aand, "_start_feature_cache", spy)
+    return seen
+
+
+def test_cached_epochs_match_plain_loop(data_root: Path, plain_run, caches, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 cache: the second stage-2 epoch is served from the cache and ends with the same weights."""
+    monkeypatch.setattr(lm, "HALF_PRECISION_RTOL", -1.0)  # force float32 storage
+    seen = caches
+    model, recorder = _fit(data_root)
+    losses, weights = _stage2(recorder)
+    plain_losses, plain_weights = plain_run
+    assert len(seen) == 1
+    assert seen[0] is not None
+    assert seen[0].dtype == torch.float32
+    assert len(seen[0]) == 12  # every training image cached once
+    assert seen[0].hits == 3  # all of the second stage-2 epoch's batches came from the cache
+    assert model._feature_cache is None  # freed when training ends
+    torch.testing.assert_close(losses, plain_losses, rtol=1e-5, atol=1e-6)
+    for cached, plain in zip(weights, plain_weights, strict=True):
+        _assert_same_weights(cached, plain, atol=1e-5)
+
+
+def test_half_precision_cache_keeps_loss(data_root: Path, plain_run, caplog: pytest.LogCaptureFixture) -> None:
+    """The default float16 cache moves the stage-2 losses by far less than HALF_PRECISION_RTOL."""
+    with caplog.at_level(logging.INFO, logger="anomalib_aand"):
+        _, recorder = _fit(data_root)
+    assert "trains from cached teacher features: 12 images" in caplog.text
+    assert "float16" in caplog.text
+    losses, _ = _stage2(recorder)
+    torch.testing.assert_close(losses, plain_run[0], rtol=lm.HALF_PRECISION_RTOL, atol=0)
+
+
+class AddNoise(v2.Transform):
+    """A random transform the static check cannot recognise by name."""
+
+    def transform(self, inpt, params):  # noqa: ANN001, ANN201
+        if isinstance(inpt, torch.Tensor) and inpt.is_floating_point() and inpt.ndim == 3:
+            return inpt + 0.05 * torch.randn_like(inpt)
+        return inpt
+
+
+def test_changing_images_switch_cache_off(data_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Random data the name check misses is caught by the fingerprints; the result equals the plain loop."""
+    with caplog.at_level(logging.INFO, logger="anomalib_aand"):
+        _, cached = _fit(data_root, augmentations=AddNoise())
+    assert "changed between epochs" in caplog.text
+    _, plain = _fit(data_root, augmentations=AddNoise(), cache_features=False)
+    torch.testing.assert_close(cached.losses, plain.losses)
+
+
+@pytest.mark.parametrize(
+    ("args", "augmentations", "message"),
+    [
+        ({"cache_features": False}, None, "cache_features=False"),
+        ({"cache_budget_gb": 1e-6}, None, "over cache_budget_gb=1e-06"),
+        ({}, v2.RandomHorizontalFlip(), "the training transforms are random (RandomHorizontalFlip)"),
+    ],
+)
+def test_fallbacks_say_why(data_root: Path, args: dict, augmentations, message: str, caplog) -> None:  # noqa: ANN001
+    with caplog.at_level(logging.INFO, logger="anomalib_aand"):
+        model, _ = _fit(data_root, epochs=2, augmentations=augmentations, **args)
+    assert "recomputes the teacher features every step: " in caplog.text
+    assert message in caplog.text
+    assert model._feature_cache is None
+
+
+def test_resume_rebuilds_cache_and_checkpoint_holds_none(
+    data_root: Path, tmp_path: Path, caches, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint saved mid stage 2 has no cache in it; resuming refills it and matches an uncached resume."""
+    monkeypatch.setattr(lm, "HALF_PRECISION_RTOL", -1.0)  # float32 storage, to compare weights tightly
+    checkpoint = tmp_path / "stage2.ckpt"
+    _fit(data_root, epochs=2, stage2_epochs=3, save_to=checkpoint)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert not any("cache" in key for key in state["state_dict"])
+    assert state["hyper_parameters"]["cache_features"] is True
+    resumed, cached = _fit(data_root, epochs=4, stage2_epochs=3, ckpt_path=checkpoint)
+    _, plain = _fit(data_root, epochs=4, stage2_epochs=3, ckpt_path=checkpoint, cache_features=False)
+    assert resumed.current_epoch == 4
+    assert len(caches) == 3  # one cache per fit: before saving, on resume, and None for the uncached resume
+    assert caches[1] is not None
+    assert len(caches[1]) == 12
+    assert caches[1].hits == 3  # rebuilt in the first resumed epoch, used in the second
+    assert caches[2] is None
+    torch.testing.assert_close(cached.losses, plain.losses, rtol=1e-5, atol=1e-6)
+    _assert_same_weights(cached.weights[-1], plain.weights[-1], atol=1e-5)
+
+
+def test_random_transforms_found_inside_compose() -> None:
+    transform = v2.Compose([v2.Resize(64), v2.RandomChoice([v2.ColorJitter(0.2), v2.Identity()]), v2.Normalize([0.5] * 3, [0.5] * 3)])
+    assert random_transforms(transform) == ["RandomChoice", "ColorJitter"]
+    assert random_transforms(v2.Compose([v2.Resize(64), v2.CenterCrop(64)])) == []
