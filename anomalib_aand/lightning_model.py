@@ -162,9 +162,14 @@ class Aand(AnomalibModule):
             std=std,
         )
 
+    @property
+    def _size_stride(self) -> int:
+        """Image sides must be multiples of this: twice the deepest teacher layer's reduction."""
+        return 2 * self.model.reductions[-1]
+
     def _check_input_size(self, size: tuple[int, int]) -> None:
         """Refuse image sizes the student cannot mirror, or too small for ``hkd_top_k``."""
-        stride = 2 * self.model.reductions[-1]
+        stride = self._size_stride
         if any(s % stride for s in size):
             ok = [stride * k for k in range(max(1, size[0] // stride), size[0] // stride + 3)]
             msg = (
@@ -463,7 +468,7 @@ class Aand(AnomalibModule):
         """
         if self.input_size is None:
             if input_size is None:
-                stride = 2 * self.model.reductions[-1]
+                stride = self._size_stride
                 msg = (
                     "Dynamic input size needs a Resize in the pre-processor. This model's pre-processor has none, so "
                     f"the exported graph would see raw images, and backbone {self.hparams.backbone!r} with layers "

@@ -139,9 +139,11 @@ def load_teacher_weights(
     target = teacher.feature_extractor.state_dict()
     missing = [key for key in target if key not in state]
     wrong = [key for key in target if key in state and state[key].shape != target[key].shape]
-    # a deeper relative (resnet34 for resnet18) holds every tensor of the teacher: refuse its extra blocks too
-    known = timm.create_model(backbone, pretrained=False).state_dict().keys()
-    unexpected = [key for key in state if key not in known]
+    unexpected: list[str] = []
+    if weights_path is not None:  # package and hub weights are timm's own full model: nothing unexpected
+        # a deeper relative (resnet34 for resnet18) holds every tensor of the teacher: refuse its extra blocks too
+        known = timm.create_model(backbone, pretrained=False).state_dict().keys()
+        unexpected = [key for key in state if key not in known]
     if missing or wrong or unexpected:
         msg = (
             f"The weights from {source} do not fit backbone {backbone!r}: {len(missing)} of its {len(target)} tensors "
