@@ -46,7 +46,8 @@ def test_report_rows_means_and_resume(accuracy, tmp_path: Path) -> None:
         calls.append((name, category))
         value = {"grass": 0.6, "brick": 0.8}[category] + (0.1 if name == "aand" else 0.0)
         keys = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
-        return {**dict.fromkeys(keys, value), "train_s": 10.0, "infer_ms": 5.0, "load_1min": 1.0}
+        curve = {"stage2_loss": [4.0, 3.0, 2.0, 1.5, 1.0]} if name == "aand" else {}
+        return {**dict.fromkeys(keys, value), "train_s": 10.0, "infer_ms": 5.0, "load_1min": 1.0, **curve}
 
     (tmp_path / "data" / "brick").mkdir(parents=True)
     (tmp_path / "data" / "grass").mkdir()
@@ -56,6 +57,8 @@ def test_report_rows_means_and_resume(accuracy, tmp_path: Path) -> None:
     assert "| AAND (RAA + HKD) | **mean** | 0.800 | 0.800 | 0.800 | 10 | 5 |" in table
     assert "| RD baseline (cosine) | **mean** | 0.700 | 0.700 | 0.700 | 10 | 5 |" in table
     assert (tmp_path / "out" / "accuracy.md").read_text().count("**mean**") == 2
+    assert "| AAND (RAA + HKD) | brick | 4.0000 | 2.0000 | 1.5000 | 1.0000 |" in table  # loss: first, 50 %, 75 %, last
+    assert "| RD baseline (cosine) | brick | 4" not in table  # no curve recorded, no row
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 10_000
     accuracy.main(argv, run=fake_run)  # finished runs are not repeated
     assert len(calls) == 4
