@@ -54,6 +54,7 @@ LABELS = {
     "padim": "PaDiM",
 }
 METRICS = {"image_AUROC": "image AUROC", "pixel_AUROC": "pixel AUROC", "pixel_AUPRO": "AUPRO@0.3"}
+REPORTED = (*METRICS, "train_s", "infer_ms")  # averaged over categories; loss curves and load are not
 
 
 def _evaluator() -> Evaluator:
@@ -160,13 +161,11 @@ def write_report(results: dict, models: Sequence[str], categories: Sequence[str]
     lines = [header, "|" + "---|" * (len(METRICS) + 4)]
     means: dict[str, dict[str, float]] = {}
     for name in models:
-        rows = [results[name][c] for c in categories if c in results.get(name, {})]
+        rows = {c: results[name][c] for c in categories if c in results.get(name, {})}
         if not rows:
             continue
-        for category in [c for c in categories if c in results[name]] + ["**mean**"]:
-            row = results[name][category] if category != "**mean**" else {k: _mean(rows, k) for k in (*METRICS, "train_s", "infer_ms")}
-            if category == "**mean**":
-                means[name] = row
+        means[name] = {k: _mean(list(rows.values()), k) for k in REPORTED}
+        for category, row in [*rows.items(), ("**mean**", means[name])]:
             cells = [f"{row[k]:.3f}" for k in METRICS] + [f"{row['train_s']:.0f}", f"{row['infer_ms']:.0f}"]
             lines.append(f"| {LABELS[name]} | {category} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + _convergence(results, models, categories)
