@@ -41,7 +41,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 
 from anomalib_aand import Aand  # noqa: E402
 from anomalib_aand.components.teacher import OFFLINE_BACKBONE, load_teacher_weights  # noqa: E402
-from anomalib_aand.demo import TEXTURES, generate_demo_dataset  # noqa: E402
+from anomalib_aand.tools.demo import TEXTURES, generate_demo_dataset  # noqa: E402
 
 LAYERS = ("blocks.1", "blocks.2", "blocks.4")  # strides 4, 8, 16: the paper's layer1..layer3 analogue
 PATCHCORE_LAYERS = ("blocks.2", "blocks.4")  # strides 8, 16: PatchCore's layer2/layer3 analogue

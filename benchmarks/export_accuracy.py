@@ -6,7 +6,7 @@ once, and builds the three OpenVINO IRs with the calls anomalib's export makes: 
 category's *training* images (anomalib's ``INT8_PTQ`` calibrates on the validation split). Reports
 image and pixel AUROC per runtime and the largest score / map difference from FP32.
 
-    python -m anomalib_aand.demo --root datasets/demo --categories brick
+    python -m anomalib_aand.tools.demo --root datasets/demo --categories brick
     python benchmarks/export_accuracy.py --root datasets/demo --category brick --out results/export_accuracy
 """
 

@@ -13,7 +13,7 @@ echo "== 1/3 install (.venv)"
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 PYTHONWARNINGS="ignore::FutureWarning,ignore::UserWarning"
 echo "== 2/3 demo data (datasets/demo/$CATEGORY)"
-.venv/bin/python -m anomalib_aand.demo --root datasets/demo --categories "$CATEGORY"
+.venv/bin/python -m anomalib_aand.tools.demo --root datasets/demo --categories "$CATEGORY"
 echo "== 3/3 train + test AAND (configs/demo.yaml)"
 mkdir -p results
 .venv/bin/anomalib train --config configs/demo.yaml --data.category "$CATEGORY" 2>&1 | tee results/quickstart.log

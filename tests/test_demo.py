@@ -10,7 +10,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage import data as skdata
 
-from anomalib_aand.demo import DEFECTS, DRAW, TINTS, _normal_image, generate_category, main
+from anomalib_aand.tools.demo import DEFECTS, DRAW, TINTS, _normal_image, generate_category, main
 
 SMALL = {"n_train": 3, "n_good": 2, "n_defective": 5, "size": 128}
 

@@ -98,7 +98,7 @@ def test_openvino_inferencer_matches_torch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """OpenVINOInferencer in f32 (the default on bf16 CPUs is bf16) gives torch's scores, maps and labels;
-    so does the edge script ``anomalib_aand.infer``, which also writes one overlay per image."""
+    so does the edge script ``anomalib_aand.tools.infer``, which also writes one overlay per image."""
     import openvino as ov  # noqa: PLC0415
     from anomalib.deploy import OpenVINOInferencer  # noqa: PLC0415
 

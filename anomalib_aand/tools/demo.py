@@ -20,7 +20,7 @@ The layout is what anomalib's ``MVTecAD`` reads unchanged::
 
 Output is deterministic for a seed. Command line::
 
-    python -m anomalib_aand.demo --root datasets/demo [--seed 0] [--categories brick grass]
+    python -m anomalib_aand.tools.demo --root datasets/demo [--seed 0] [--categories brick grass]
 """
 
 import argparse
@@ -273,7 +273,7 @@ def generate_demo_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m anomalib_aand.demo --root DIR [--seed N] [--categories ...]``."""
+    """Command line: ``python -m anomalib_aand.tools.demo --root DIR [--seed N] [--categories ...]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="output folder; categories go to ROOT/CATEGORY")
     parser.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,7 @@ Uses anomalib's ``OpenVINOInferencer``. For every image it writes ``<name>_overl
 a heat map over the image) into ``--out`` and one row ``image,score,label`` into ``--out/scores.csv``.
 Scores are anomalib's normalised scores: 0.5 is the threshold learnt on the validation images.
 
-    python -m anomalib_aand.infer --model weights/openvino/model.xml --images DIR --out DIR [--device CPU]
+    python -m anomalib_aand.tools.infer --model weights/openvino/model.xml --images DIR --out DIR [--device CPU]
 
 OpenVINO keeps compiled models in ``./openvino_cache`` (anomalib's choice, in the working directory).
 """
