@@ -23,12 +23,12 @@ def _register_aand(module: Any) -> None:  # noqa: ANN401
     del module
     if "anomalib_aand" in sys.modules:  # being imported (it imported anomalib.models): it registers itself
         return
-    import anomalib_aand  # noqa: F401, PLC0415  (registers Aand on import)
+    import anomalib_aand  # noqa: F401  (registers Aand on import)
 
 
 def _collect_results(results: list[dict[str, Any]]) -> Any:  # noqa: ANN401
     """One row per job; a column a job lacks is empty in its row."""
-    import pandas as pd  # noqa: PLC0415
+    import pandas as pd
 
     return pd.DataFrame(results)
 
@@ -47,7 +47,7 @@ def _run(name: str, module: Any) -> None:  # noqa: ANN401
     try:
         ACTIONS[name](module)
     except Exception as error:  # noqa: BLE001  (a broken plugin must not break anomalib)
-        import warnings  # noqa: PLC0415
+        import warnings
 
         warnings.warn(
             f"anomalib_aand's start-up hook failed after importing {name} ({type(error).__name__}: {error}). "
@@ -68,7 +68,7 @@ class _AnomalibWatcher:
         del path, target
         if name not in self.pending or self._searching:
             return None
-        from importlib.util import find_spec  # noqa: PLC0415  (only paid when a watched module is imported)
+        from importlib.util import find_spec
 
         self._searching = True
         try:

@@ -13,7 +13,7 @@ def register() -> None:
     and ``class_path: anomalib_aand.Aand`` both work. Runs on import; the start-up hook installed with
     the package (``anomalib_aand.pth``) imports this package as soon as ``anomalib.models`` is imported.
     """
-    import anomalib.models  # noqa: PLC0415
+    import anomalib.models
 
     anomalib.models.Aand = Aand
     anomalib.models.ALLOWED_MODULES.add(__name__)

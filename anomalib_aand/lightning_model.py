@@ -34,8 +34,8 @@ from .components.checks import (
     check_dataset_folder,
     check_finite_losses,
 )
-from .components.synthesis import AnomalySynthesizer, mask_at
 from .components.feature_cache import FeatureCache, StaleCacheError, random_transforms
+from .components.synthesis import AnomalySynthesizer, mask_at
 from .components.teacher import load_teacher_weights
 from .loss import amplification_loss, cosine_loss, focal_loss, hkd_loss
 from .torch_model import AandModel
@@ -187,7 +187,7 @@ class Aand(AnomalibModule):
             raise ValueError(msg)
 
     def configure_callbacks(self) -> Any:
-        """anomalib's callbacks; first refuse a missing dataset folder (this runs before any download)."""
+        """Anomalib's callbacks; first refuse a missing dataset folder (this runs before any download)."""
         if self._trainer is not None and self.trainer.datamodule is not None:
             check_dataset_folder(self.trainer.datamodule)
         return super().configure_callbacks()
@@ -296,7 +296,8 @@ class Aand(AnomalibModule):
         foregrounds = [mask_at(foreground, f.shape[-2:]) for f in features]
         amplified, gates = self.model.amplify(features, masks)
         focal = sum(
-            focal_loss(g, m, self.hparams.focal_alpha, self.hparams.focal_gamma) for g, m in zip(gates, masks, strict=True)
+            focal_loss(g, m, self.hparams.focal_alpha, self.hparams.focal_gamma)
+            for g, m in zip(gates, masks, strict=True)
         )
         amplification = sum(
             amplification_loss(f, a, m, fg, margin=self.hparams.amplification_margin)
@@ -460,7 +461,7 @@ class Aand(AnomalibModule):
         input_size: tuple[int, int] | None = None,
         **kwargs: Any,  # noqa: ANN401  (passed on to anomalib and torch.onnx.export)
     ) -> Path:
-        """anomalib's ONNX export (also the first step of its OpenVINO export), after checking the input size.
+        """Anomalib's ONNX export (also the first step of its OpenVINO export), after checking the input size.
 
         With a Resize in the pre-processor (the default) the graph takes images of any size. Without one,
         the model sees the raw size, so the export needs a fixed ``input_size`` that suits the student.
@@ -501,7 +502,9 @@ class Aand(AnomalibModule):
 
 def _check_schedule(stage1_epochs: int, stage2_epochs: int, learning_rate: float) -> None:
     if not isinstance(stage1_epochs, int) or stage1_epochs < 0:
-        msg = f"stage1_epochs must be an integer >= 0 (0 skips amplification; the paper uses 100), got {stage1_epochs!r}."
+        msg = (
+            f"stage1_epochs must be an integer >= 0 (0 skips amplification; the paper uses 100), got {stage1_epochs!r}."
+        )
         raise ValueError(msg)
     if not isinstance(stage2_epochs, int) or stage2_epochs < 1:
         msg = f"stage2_epochs must be an integer >= 1 (the paper uses 120), got {stage2_epochs!r}."

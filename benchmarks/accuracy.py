@@ -31,17 +31,17 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from anomalib.data import MVTecAD  # noqa: E402
-from anomalib.engine import Engine  # noqa: E402
-from anomalib.metrics import AUPRO, AUROC, Evaluator  # noqa: E402
-from anomalib.models import Padim, Patchcore  # noqa: E402
-from anomalib.models.components import AnomalibModule  # noqa: E402
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything  # noqa: E402
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from anomalib.metrics import AUPRO, AUROC, Evaluator
+from anomalib.models import Padim, Patchcore
+from anomalib.models.components import AnomalibModule
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
-from anomalib_aand import Aand  # noqa: E402
-from anomalib_aand.components.teacher import OFFLINE_BACKBONE, load_teacher_weights  # noqa: E402
-from anomalib_aand.tools.demo import TEXTURES, generate_demo_dataset  # noqa: E402
+from anomalib_aand import Aand
+from anomalib_aand.components.teacher import OFFLINE_BACKBONE, load_teacher_weights
+from anomalib_aand.tools.demo import TEXTURES, generate_demo_dataset
 
 LAYERS = ("blocks.1", "blocks.2", "blocks.4")  # strides 4, 8, 16: the paper's layer1..layer3 analogue
 PATCHCORE_LAYERS = ("blocks.2", "blocks.4")  # strides 8, 16: PatchCore's layer2/layer3 analogue
@@ -191,14 +191,18 @@ def _convergence(results: dict, models: Sequence[str], categories: Sequence[str]
     if not lines:
         return ""
     header = "\n\nStage-2 training loss (epoch mean; the distillation loss each model trains with):\n\n"
-    return header + "| model | category | first epoch | 50 % | 75 % | last epoch |\n|---|---|---|---|---|---|\n" + "\n".join(lines)
+    return (
+        header
+        + "| model | category | first epoch | 50 % | 75 % | last epoch |\n|---|---|---|---|---|---|\n"
+        + "\n".join(lines)
+    )
 
 
 def _chart(means: dict[str, dict[str, float]], path: Path, title: str) -> None:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     if not means:
         return
@@ -216,7 +220,9 @@ def _chart(means: dict[str, dict[str, float]], path: Path, title: str) -> None:
     axes[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(names))
     axes[0].set_title("mean over categories")
     for axis, label in ((axes[1], "training s"), (axes[2], "inference ms / image")):
-        axis.set_xticks(range(len(names)), [LABELS[n].split(" (")[0] for n in names], rotation=45, ha="right", fontsize=8)
+        axis.set_xticks(
+            range(len(names)), [LABELS[n].split(" (")[0] for n in names], rotation=45, ha="right", fontsize=8
+        )
         axis.set_title(label)
     fig.suptitle(title, fontsize=7, wrap=True)
     fig.tight_layout()
@@ -227,7 +233,12 @@ def _chart(means: dict[str, dict[str, float]], path: Path, title: str) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("datasets/demo"), help="MVTec-layout root; demo categories are generated there when missing")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path("datasets/demo"),
+        help="MVTec-layout root; demo categories are generated there when missing",
+    )
     parser.add_argument("--categories", nargs="+", default=list(TEXTURES))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--stage1-epochs", type=int, default=10, help="AAND amplification epochs")
@@ -241,7 +252,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None, run: Callable[[str, str, argparse.Namespace], dict[str, float]] = run_one) -> str:
+def main(
+    argv: Sequence[str] | None = None, run: Callable[[str, str, argparse.Namespace], dict[str, float]] = run_one
+) -> str:
     """Run every model on every category (skipping finished ones) and write the report."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

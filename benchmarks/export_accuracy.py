@@ -35,7 +35,9 @@ def _images(folder: Path) -> list[Path]:
 def train(args: argparse.Namespace, workdir: Path) -> Path:
     """Fit AAND on the category; returns the checkpoint."""
     datamodule = MVTecAD(root=args.root, category=args.category, train_batch_size=8, eval_batch_size=8, num_workers=0)
-    model = Aand(backbone=args.backbone, layers=args.layers, stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs)
+    model = Aand(
+        backbone=args.backbone, layers=args.layers, stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs
+    )
     engine = Engine(default_root_dir=workdir, logger=False, enable_progress_bar=False, accelerator="cpu", devices=1)
     engine.fit(model, datamodule=datamodule)
     return Path(engine.trainer.checkpoint_callback.best_model_path)
@@ -51,7 +53,11 @@ def test_set(root: Path, category: str, size: tuple[int, int]) -> tuple[torch.Te
         defect = path.parent.name
         labels.append(defect != "good")
         mask_path = folder / "ground_truth" / defect / f"{path.stem}_mask.png"
-        mask = read_mask(mask_path, as_tensor=True).float()[None, None] if mask_path.exists() else torch.zeros(1, 1, *image.shape[-2:])
+        mask = (
+            read_mask(mask_path, as_tensor=True).float()[None, None]
+            if mask_path.exists()
+            else torch.zeros(1, 1, *image.shape[-2:])
+        )
         masks.append(torch.nn.functional.interpolate(mask, size=size, mode="nearest")[0, 0].numpy() > 0.5)
     return torch.stack(images), np.asarray(labels), np.stack(masks)
 
@@ -76,8 +82,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    import nncf  # noqa: PLC0415
-    import openvino as ov  # noqa: PLC0415
+    import nncf
+    import openvino as ov
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -98,7 +104,12 @@ def main() -> None:
         ov.save_model(int8, workdir / "int8.xml", compress_to_fp16=False)
         with torch.no_grad():
             torch_out = model(images)
-        outputs = {"torch": {"pred_score": torch_out.pred_score.numpy().reshape(-1), "anomaly_map": torch_out.anomaly_map.numpy()}}
+        outputs = {
+            "torch": {
+                "pred_score": torch_out.pred_score.numpy().reshape(-1),
+                "anomaly_map": torch_out.anomaly_map.numpy(),
+            }
+        }
         for name in ("fp32", "fp16", "int8"):
             compiled = core.compile_model(workdir / f"{name}.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
             result = [compiled(image[None].numpy()) for image in images]
@@ -109,19 +120,25 @@ def main() -> None:
     reference = outputs["OpenVINO FP32"]
     rows = []
     for name, out in outputs.items():
-        rows.append({
-            "runtime": name,
-            "image_AUROC": auroc(out["pred_score"], labels),
-            "pixel_AUROC": auroc(out["anomaly_map"], masks),
-            "max |score - FP32|": float(np.abs(out["pred_score"] - reference["pred_score"]).max()),
-            "max |map - FP32|": float(np.abs(out["anomaly_map"] - reference["anomaly_map"]).max()),
-            "labels = FP32": float(np.mean((out["pred_score"] >= 0.5) == (reference["pred_score"] >= 0.5))),
-        })
+        rows.append(
+            {
+                "runtime": name,
+                "image_AUROC": auroc(out["pred_score"], labels),
+                "pixel_AUROC": auroc(out["anomaly_map"], masks),
+                "max |score - FP32|": float(np.abs(out["pred_score"] - reference["pred_score"]).max()),
+                "max |map - FP32|": float(np.abs(out["anomaly_map"] - reference["anomaly_map"]).max()),
+                "labels = FP32": float(np.mean((out["pred_score"] >= 0.5) == (reference["pred_score"] >= 0.5))),
+            }
+        )
     header = f"{args.category}: {len(labels)} test images ({int(labels.sum())} defective), {args.backbone}, input {size[0]}x{size[1]}, INT8 calibrated on {len(calibration)} training images"
     lines = [header, "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()) + " |" for row in rows]
+    lines += [
+        "| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()) + " |" for row in rows
+    ]
     (args.out / "export_accuracy.md").write_text("\n".join(lines) + "\n")
-    (args.out / "export_accuracy.json").write_text(json.dumps({"header": header, "rows": rows, "load": os.getloadavg()}, indent=1))
+    (args.out / "export_accuracy.json").write_text(
+        json.dumps({"header": header, "rows": rows, "load": os.getloadavg()}, indent=1)
+    )
     print("\n".join(lines))
 
 

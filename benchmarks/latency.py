@@ -68,24 +68,36 @@ def calibration_images(folder: Path | None, count: int) -> list[np.ndarray]:
     if folder is None:
         rng = np.random.default_rng(0)
         return [rng.random((1, 3, SIZE, SIZE), dtype=np.float32) for _ in range(count)]
-    from anomalib.data.utils import read_image  # noqa: PLC0415
+    from anomalib.data.utils import read_image
 
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"})[:count]
     if not paths:
         msg = f"No images in --calibration {str(folder)!r}."
         raise FileNotFoundError(msg)
-    images = [torch.nn.functional.interpolate(read_image(p, as_tensor=True)[None], size=(SIZE, SIZE), mode="bilinear") for p in paths]
+    images = [
+        torch.nn.functional.interpolate(read_image(p, as_tensor=True)[None], size=(SIZE, SIZE), mode="bilinear")
+        for p in paths
+    ]
     return [image.numpy() for image in images]
 
 
 def measure(backbone: str, amplification: bool, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     """Parameters, GFLOPs and latencies of one model."""
-    import nncf  # noqa: PLC0415
-    import openvino as ov  # noqa: PLC0415
+    import nncf
+    import openvino as ov
 
-    model = Aand(backbone=backbone, layers=TEACHERS[backbone], pre_trained=False, stage1_epochs=1 if amplification else 0).eval()
+    model = Aand(
+        backbone=backbone, layers=TEACHERS[backbone], pre_trained=False, stage1_epochs=1 if amplification else 0
+    ).eval()
     # An untrained model's normalisation statistics are NaN, which INT8 compilation rejects: set finite ones.
-    for name, value in (("_image_threshold", 0.5), ("_pixel_threshold", 0.5), ("image_min", 0.0), ("pixel_min", 0.0), ("image_max", 1.0), ("pixel_max", 1.0)):
+    for name, value in (
+        ("_image_threshold", 0.5),
+        ("_pixel_threshold", 0.5),
+        ("image_min", 0.0),
+        ("pixel_min", 0.0),
+        ("image_max", 1.0),
+        ("pixel_max", 1.0),
+    ):
         getattr(model.post_processor, name).fill_(value)
     row: dict[str, object] = {"teacher": backbone, "model": "AAND" if amplification else "RD student"}
     row["params_M"] = sum(p.numel() for p in model.model.parameters()) / 1e6
@@ -117,11 +129,11 @@ def measure(backbone: str, amplification: bool, args: argparse.Namespace, workdi
 
 def write_report(rows: list[dict[str, object]], out: Path, header: str) -> None:
     """Markdown table, CSV and a bar chart."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    import pandas as pd  # noqa: PLC0415
+    import matplotlib.pyplot as plt
+    import pandas as pd
 
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "latency.csv", index=False)
@@ -174,7 +186,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/latency"))
     parser.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
-    parser.add_argument("--calibration", type=Path, default=None, help="training images for INT8 calibration (default: random)")
+    parser.add_argument(
+        "--calibration", type=Path, default=None, help="training images for INT8 calibration (default: random)"
+    )
     parser.add_argument("--calibration-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)

@@ -50,7 +50,9 @@ def _load() -> str:
 
 def _fit(model: LightningModule, root: Path, epochs: int, batch_size: int, workers: int) -> list[float]:
     seed_everything(0)
-    datamodule = MVTecAD(root=root, category="toy", train_batch_size=batch_size, eval_batch_size=batch_size, num_workers=workers)
+    datamodule = MVTecAD(
+        root=root, category="toy", train_batch_size=batch_size, eval_batch_size=batch_size, num_workers=workers
+    )
     timer = EpochTimer()
     trainer = Trainer(
         max_epochs=epochs,
@@ -74,7 +76,9 @@ def measure(backbone: str, root: Path, args: argparse.Namespace) -> dict:
     common = {"backbone": backbone, "layers": layers, "pre_trained": False, "evaluator": False, "visualizer": False}
     row: dict = {"backbone": backbone, "load_before": _load()}
     cached = _fit(Aand(stage1_epochs=1, stage2_epochs=3, **common), root, 4, args.batch_size, args.workers)
-    plain = _fit(Aand(stage1_epochs=1, stage2_epochs=2, cache_features=False, **common), root, 3, args.batch_size, args.workers)
+    plain = _fit(
+        Aand(stage1_epochs=1, stage2_epochs=2, cache_features=False, **common), root, 3, args.batch_size, args.workers
+    )
     row.update(
         stage1_s=min(cached[0], plain[0]),
         stage2_fill_s=cached[1],
@@ -97,7 +101,9 @@ def interleaved_steps(backbone: str, args: argparse.Namespace) -> dict:
     model = Aand(backbone=backbone, layers=layers, pre_trained=False, evaluator=False, visualizer=False)
     model.model.train()
     optimizer = torch.optim.Adam([*model.model.bottleneck.parameters(), *model.model.decoder.parameters()], lr=0.005)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(
+        args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0)
+    )
     paths = [str(i) for i in range(args.batch_size)]
     cache = FeatureCache(torch.float16)
     with torch.no_grad():
@@ -122,7 +128,11 @@ def interleaved_steps(backbone: str, args: argparse.Namespace) -> dict:
         times["uncached"].append(step(False))
         times["cached"].append(step(True))
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return {"step_cached_s": median["cached"], "step_uncached_s": median["uncached"], "step_ratio": median["cached"] / median["uncached"]}
+    return {
+        "step_cached_s": median["cached"],
+        "step_uncached_s": median["uncached"],
+        "step_ratio": median["cached"] / median["uncached"],
+    }
 
 
 def measure_rd(backbone: str, root: Path, args: argparse.Namespace) -> dict:
@@ -130,11 +140,20 @@ def measure_rd(backbone: str, root: Path, args: argparse.Namespace) -> dict:
     before = _load()
     model = ReverseDistillation(backbone=backbone, pre_trained=False, evaluator=False, visualizer=False)
     epochs = _fit(model, root, 2, args.batch_size, args.workers)
-    return {"backbone": backbone, "epoch_s": min(epochs), "epochs": epochs, "total_s": args.rd_epochs * min(epochs), "load_before": before, "load_after": _load()}
+    return {
+        "backbone": backbone,
+        "epoch_s": min(epochs),
+        "epochs": epochs,
+        "total_s": args.rd_epochs * min(epochs),
+        "load_before": before,
+        "load_after": _load(),
+    }
 
 
 def _data_maker():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("aand_conftest", Path(__file__).resolve().parents[1] / "tests" / "conftest.py")
+    spec = importlib.util.spec_from_file_location(
+        "aand_conftest", Path(__file__).resolve().parents[1] / "tests" / "conftest.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.make_mvtec_dataset
@@ -161,7 +180,9 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("anomalib_aand").setLevel(logging.INFO)  # says whether stage 2 used the cache
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} torch threads"
+    device = (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} torch threads"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -172,22 +193,37 @@ def main() -> None:
         rd = measure_rd(args.rd_backbone, root, args)
 
     print(f"\nDevice: {device}; {args.train_images} train images of {args.image_size} px, batch {args.batch_size}.")
-    print(f"ReverseDistillation ({rd['backbone']}): {rd['epoch_s']:.1f} s/epoch, {args.rd_epochs} epochs = {rd['total_s'] / 60:.1f} min (load {rd['load_before']} -> {rd['load_after']})\n")
-    print("| teacher | student | stage 1 s/epoch | stage 2 s/epoch uncached | stage 2 s/epoch cached (first, filling) | cached / uncached | AAND total, cache (min) | AAND total, no cache (min) | AAND / RD | load avg (1, 5, 15 min) |")
+    print(
+        f"ReverseDistillation ({rd['backbone']}): {rd['epoch_s']:.1f} s/epoch, {args.rd_epochs} epochs = {rd['total_s'] / 60:.1f} min (load {rd['load_before']} -> {rd['load_after']})\n"
+    )
+    print(
+        "| teacher | student | stage 1 s/epoch | stage 2 s/epoch uncached | stage 2 s/epoch cached (first, filling) | cached / uncached | AAND total, cache (min) | AAND total, no cache (min) | AAND / RD | load avg (1, 5, 15 min) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        student = "RD4AD (anomalib)" if uses_resnet_student(row["backbone"], LAYERS.get(row["backbone"], ("layer1", "layer2", "layer3"))) else "generic"
+        student = (
+            "RD4AD (anomalib)"
+            if uses_resnet_student(row["backbone"], LAYERS.get(row["backbone"], ("layer1", "layer2", "layer3")))
+            else "generic"
+        )
         print(
             f"| {row['backbone']} | {student} | {row['stage1_s']:.1f} | {row['stage2_uncached_s']:.1f} | "
             f"{row['stage2_cached_s']:.1f} ({row['stage2_fill_s']:.1f}) | {row['cached_over_uncached']:.2f} | "
             f"{row['aand_total_cached_s'] / 60:.1f} | {row['aand_total_uncached_s'] / 60:.1f} | "
             f"{row['aand_total_cached_s'] / rd['total_s']:.2f} | {row['load_before']} -> {row['load_after']} |"
         )
-    figures = {"device": device, "args": {k: str(v) for k, v in vars(args).items()}, "aand": rows, "reverse_distillation": rd}
+    figures = {
+        "device": device,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "aand": rows,
+        "reverse_distillation": rd,
+    }
     if args.interleaved:
         print(f"\nStage-2 steps alternated {args.interleaved}x (median s per step, cached / uncached):")
         for row in rows:
-            print(f"- {row['backbone']}: {row['step_cached_s']:.2f} / {row['step_uncached_s']:.2f} = {row['step_ratio']:.2f}")
+            print(
+                f"- {row['backbone']}: {row['step_cached_s']:.2f} / {row['step_uncached_s']:.2f} = {row['step_ratio']:.2f}"
+            )
     print("\n" + json.dumps(figures, indent=1))
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=1))

@@ -18,7 +18,9 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-def make_mvtec_dataset(root: Path, category: str = "toy", n_train: int = 8, n_good: int = 4, n_bad: int = 4, size: int = 64, seed: int = 0) -> Path:
+def make_mvtec_dataset(
+    root: Path, category: str = "toy", n_train: int = 8, n_good: int = 4, n_bad: int = 4, size: int = 64, seed: int = 0
+) -> Path:
     """Write ``root/category`` in MVTec AD layout; defects are dark squares with their masks."""
     rng = np.random.default_rng(seed)
     base = root / category

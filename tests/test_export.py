@@ -15,13 +15,12 @@ from anomalib.data.utils import read_image
 from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from anomalib.pre_processing import PreProcessor
+from conftest import make_mvtec_dataset
 from lightning import seed_everything
 from PIL import Image
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_aand import Aand, infer
-
-from conftest import make_mvtec_dataset
 
 SIZE = 64
 TOLERANCE = 1e-3
@@ -39,7 +38,9 @@ def exported(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     root = tmp_path_factory.mktemp("export")
     seed_everything(0)
     datamodule = MVTecAD(root=mvtec_root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
-    model = Aand(backbone="resnet18", pre_trained=False, stage1_epochs=1, stage2_epochs=1, pre_processor=_pre_processor())
+    model = Aand(
+        backbone="resnet18", pre_trained=False, stage1_epochs=1, stage2_epochs=1, pre_processor=_pre_processor()
+    )
     engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu", devices=1)
     engine.fit(model, datamodule=datamodule)
     checkpoint = engine.trainer.checkpoint_callback.best_model_path
@@ -67,13 +68,15 @@ def _torch_predictions(model: Aand, images: torch.Tensor) -> dict[str, np.ndarra
 
 def _assert_parity(expected: dict[str, np.ndarray], scores: np.ndarray, maps: np.ndarray, labels: np.ndarray) -> None:
     np.testing.assert_allclose(scores.reshape(-1), expected["pred_score"].reshape(-1), atol=TOLERANCE, rtol=0)
-    np.testing.assert_allclose(maps.reshape(expected["anomaly_map"].shape), expected["anomaly_map"], atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(
+        maps.reshape(expected["anomaly_map"].shape), expected["anomaly_map"], atol=TOLERANCE, rtol=0
+    )
     np.testing.assert_array_equal(labels.reshape(-1), expected["pred_label"].reshape(-1))
 
 
 def test_onnx_runtime_matches_torch(exported: tuple[Aand, Path], images: torch.Tensor) -> None:
     """Whole chain (pre-process, model, post-process) in ONNX Runtime, on the test images and at another size."""
-    import onnxruntime as ort  # noqa: PLC0415
+    import onnxruntime as ort
 
     model, onnx_path = exported
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -99,8 +102,8 @@ def test_openvino_inferencer_matches_torch(
 ) -> None:
     """OpenVINOInferencer in f32 (the default on bf16 CPUs is bf16) gives torch's scores, maps and labels;
     so does the edge script ``anomalib_aand.tools.infer``, which also writes one overlay per image."""
-    import openvino as ov  # noqa: PLC0415
-    from anomalib.deploy import OpenVINOInferencer  # noqa: PLC0415
+    import openvino as ov
+    from anomalib.deploy import OpenVINOInferencer
 
     monkeypatch.chdir(tmp_path)  # OpenVINOInferencer writes ./openvino_cache
     model, onnx_path = exported
@@ -118,7 +121,9 @@ def test_openvino_inferencer_matches_torch(
 
     rows = infer.run(xml, unseen, tmp_path / "out")
     expected = _torch_predictions(model, images)
-    np.testing.assert_allclose([score for _, score, _ in rows], expected["pred_score"].reshape(-1), atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(
+        [score for _, score, _ in rows], expected["pred_score"].reshape(-1), atol=TOLERANCE, rtol=0
+    )
     assert [label for _, _, label in rows] == expected["pred_label"].reshape(-1).tolist()
     overlays = sorted((tmp_path / "out").glob("*_overlay.png"))
     assert len(overlays) == len(images)
@@ -128,7 +133,13 @@ def test_openvino_inferencer_matches_torch(
 
 def test_dynamic_export_without_resize_names_working_sizes(tmp_path: Path) -> None:
     """Without a Resize the graph sees raw sizes: dynamic export and unsuitable fixed sizes fail clearly."""
-    model = Aand(backbone="resnet18", pre_trained=False, stage1_epochs=0, stage2_epochs=1, pre_processor=_pre_processor(resize=False))
+    model = Aand(
+        backbone="resnet18",
+        pre_trained=False,
+        stage1_epochs=0,
+        stage2_epochs=1,
+        pre_processor=_pre_processor(resize=False),
+    )
     with pytest.raises(ValueError, match=r"multiples of 32 \(e\.g\. 64, 128, 256\).*--input_size"):
         model.to_onnx(tmp_path)
     with pytest.raises(ValueError, match=r"100x100.*multiples of 32"):

@@ -16,11 +16,16 @@ from anomalib_aand import Aand
 ROOT = Path(__file__).resolve().parents[1]
 ANOMALIB = [str(Path(sys.executable).with_name("anomalib"))]
 SMALL = [
-    "--model", "anomalib_aand.Aand",
-    "--model.backbone", "resnet18",
-    "--model.pre_trained", "false",
-    "--model.stage1_epochs", "1",
-    "--model.stage2_epochs", "1",
+    "--model",
+    "anomalib_aand.Aand",
+    "--model.backbone",
+    "resnet18",
+    "--model.pre_trained",
+    "false",
+    "--model.stage1_epochs",
+    "1",
+    "--model.stage2_epochs",
+    "1",
 ]
 METRIC = re.compile(r"│\s*(image_\w+|pixel_\w+)\s*│\s*([-+0-9.eE]+|nan)\s*│")
 
@@ -28,22 +33,38 @@ METRIC = re.compile(r"│\s*(image_\w+|pixel_\w+)\s*│\s*([-+0-9.eE]+|nan)\s*�
 def run_anomalib(*args: str, cwd: Path) -> tuple[str, dict[str, float]]:
     """Run the `anomalib` CLI; return its output and the metrics of its test table."""
     env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([*ANOMALIB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run(
+        [*ANOMALIB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     return output, {name: float(value) for name, value in METRIC.findall(output)}
 
 
 def data_args(root: Path) -> list[str]:
-    return ["--data", "anomalib.data.MVTecAD", "--data.root", str(root), "--data.category", "toy", "--data.num_workers", "0",
-            "--data.train_batch_size", "4", "--data.eval_batch_size", "4"]
+    return [
+        "--data",
+        "anomalib.data.MVTecAD",
+        "--data.root",
+        str(root),
+        "--data.category",
+        "toy",
+        "--data.num_workers",
+        "0",
+        "--data.train_batch_size",
+        "4",
+        "--data.eval_batch_size",
+        "4",
+    ]
 
 
 @pytest.fixture(scope="module")
 def trained(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float], Path]:
     """`anomalib train` once: (work dir, reported metrics, checkpoint)."""
     work = tmp_path_factory.mktemp("cli")
-    _, metrics = run_anomalib("train", *SMALL, *data_args(mvtec_root), "--seed_everything", "7", "--default_root_dir", "out", cwd=work)
+    _, metrics = run_anomalib(
+        "train", *SMALL, *data_args(mvtec_root), "--seed_everything", "7", "--default_root_dir", "out", cwd=work
+    )
     checkpoints = list((work / "out").rglob("model.ckpt"))
     assert len(checkpoints) == 1
     return work, metrics, checkpoints[0]
@@ -71,23 +92,62 @@ def test_checkpoint_holds_both_stages_and_teacher(trained: tuple[Path, dict[str,
 
 def test_cli_test_and_predict_from_checkpoint(trained: tuple[Path, dict[str, float], Path], mvtec_root: Path) -> None:
     work, train_metrics, checkpoint = trained
-    _, metrics = run_anomalib("test", "--model", "anomalib_aand.Aand", "--model.backbone", "resnet18",
-                              *data_args(mvtec_root), "--ckpt_path", str(checkpoint), "--default_root_dir", "test_out", cwd=work)
+    _, metrics = run_anomalib(
+        "test",
+        "--model",
+        "anomalib_aand.Aand",
+        "--model.backbone",
+        "resnet18",
+        *data_args(mvtec_root),
+        "--ckpt_path",
+        str(checkpoint),
+        "--default_root_dir",
+        "test_out",
+        cwd=work,
+    )
     for name in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
         assert metrics[name] == pytest.approx(train_metrics[name], abs=1e-6)
-    output, _ = run_anomalib("predict", "--model", "anomalib_aand.Aand", "--model.backbone", "resnet18",
-                             "--data", str(mvtec_root / "toy" / "test" / "spot"), "--ckpt_path", str(checkpoint),
-                             "--default_root_dir", "predict_out", cwd=work)
+    output, _ = run_anomalib(
+        "predict",
+        "--model",
+        "anomalib_aand.Aand",
+        "--model.backbone",
+        "resnet18",
+        "--data",
+        str(mvtec_root / "toy" / "test" / "spot"),
+        "--ckpt_path",
+        str(checkpoint),
+        "--default_root_dir",
+        "predict_out",
+        cwd=work,
+    )
     images = list((work / "predict_out").rglob("*.png"))
     assert len(images) == 4, output[-2000:]
 
 
 def test_cli_train_from_config(mvtec_root: Path, tmp_path: Path) -> None:
-    _, metrics = run_anomalib("train", "--config", str(ROOT / "configs" / "mvtec_ad.yaml"),
-                              "--model.backbone", "resnet18", "--model.pre_trained", "false",
-                              "--model.stage1_epochs", "1", "--model.stage2_epochs", "1",
-                              "--data.root", str(mvtec_root), "--data.category", "toy", "--data.num_workers", "0",
-                              "--default_root_dir", "out", cwd=tmp_path)
+    _, metrics = run_anomalib(
+        "train",
+        "--config",
+        str(ROOT / "configs" / "mvtec_ad.yaml"),
+        "--model.backbone",
+        "resnet18",
+        "--model.pre_trained",
+        "false",
+        "--model.stage1_epochs",
+        "1",
+        "--model.stage2_epochs",
+        "1",
+        "--data.root",
+        str(mvtec_root),
+        "--data.category",
+        "toy",
+        "--data.num_workers",
+        "0",
+        "--default_root_dir",
+        "out",
+        cwd=tmp_path,
+    )
     assert "image_AUROC" in metrics
 
 
@@ -95,7 +155,7 @@ def test_cli_train_from_config(mvtec_root: Path, tmp_path: Path) -> None:
 def test_configs_parse(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if config.stem == "benchmark":
         pytest.skip("benchmark config is for `anomalib benchmark`")
-    from anomalib.cli.cli import AnomalibCLI  # noqa: PLC0415
+    from anomalib.cli.cli import AnomalibCLI
 
     with pytest.raises(SystemExit) as stop:
         AnomalibCLI(["train", "--config", str(config), "--print_config"])
@@ -104,8 +164,14 @@ def test_configs_parse(config: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_engine_fit_test_predict_and_reload(mvtec_root: Path, tmp_path: Path) -> None:
-    model = Aand(backbone="tf_efficientnet_lite0", layers=("blocks.1", "blocks.2", "blocks.4"), pre_trained=False,
-                 stage1_epochs=1, stage2_epochs=1, num_keys=4)
+    model = Aand(
+        backbone="tf_efficientnet_lite0",
+        layers=("blocks.1", "blocks.2", "blocks.4"),
+        pre_trained=False,
+        stage1_epochs=1,
+        stage2_epochs=1,
+        num_keys=4,
+    )
     datamodule = MVTecAD(root=mvtec_root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
     engine = Engine(default_root_dir=tmp_path, logger=False)
     engine.fit(model=model, datamodule=datamodule)
@@ -113,7 +179,9 @@ def test_engine_fit_test_predict_and_reload(mvtec_root: Path, tmp_path: Path) ->
     results = engine.test(model=model, datamodule=datamodule)
     assert 0.0 <= results[0]["image_AUROC"] <= 1.0
     first = engine.predict(model=model, datamodule=datamodule)
-    checkpoint = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    checkpoint = (
+        engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    )
     reloaded = Aand.load_from_checkpoint(checkpoint)
     second = Engine(default_root_dir=tmp_path / "again", logger=False).predict(model=reloaded, datamodule=datamodule)
     scores = [torch.cat([b.pred_score.flatten() for b in run]) for run in (first, second)]

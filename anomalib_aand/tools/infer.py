@@ -53,7 +53,9 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = 0.5) -> I
     return overlay_image(base, heat.resize(base.size, Image.BILINEAR), alpha=alpha).convert("RGB")
 
 
-def run(model: str | Path, images: str | Path, out: str | Path, device: str = "CPU", precision: str = "f32") -> list[tuple[str, float, bool]]:
+def run(
+    model: str | Path, images: str | Path, out: str | Path, device: str = "CPU", precision: str = "f32"
+) -> list[tuple[str, float, bool]]:
     """Score every image in ``images``; write overlays and ``scores.csv`` to ``out``. Returns the rows."""
     inferencer = load_inferencer(model, device, precision)
     out = Path(out)
@@ -62,7 +64,10 @@ def run(model: str | Path, images: str | Path, out: str | Path, device: str = "C
     for path in iter_images(images):
         image = read_image(path, as_tensor=False)
         prediction = inferencer.predict(image)
-        score, label = float(np.asarray(prediction.pred_score).reshape(-1)[0]), bool(np.asarray(prediction.pred_label).reshape(-1)[0])
+        score, label = (
+            float(np.asarray(prediction.pred_score).reshape(-1)[0]),
+            bool(np.asarray(prediction.pred_label).reshape(-1)[0]),
+        )
         name = str(path.relative_to(images)).replace("/", "_").rsplit(".", 1)[0]
         overlay(image, np.asarray(prediction.anomaly_map)[0]).save(out / f"{name}_overlay.png")
         rows.append((str(path.relative_to(images)), score, label))
@@ -80,7 +85,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--out", required=True, help="output folder for overlays and scores.csv")
     parser.add_argument("--device", default="CPU", help="OpenVINO device: CPU, GPU, NPU or AUTO (default CPU)")
-    parser.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16", "auto"], help="INFERENCE_PRECISION_HINT (default f32)")
+    parser.add_argument(
+        "--precision",
+        default="f32",
+        choices=["f32", "bf16", "f16", "auto"],
+        help="INFERENCE_PRECISION_HINT (default f32)",
+    )
     args = parser.parse_args(argv)
     rows = run(args.model, args.images, args.out, args.device, args.precision)
     anomalous = sum(label for _, _, label in rows)
