@@ -114,3 +114,16 @@ def test_benchmark_results_have_aand_rows(mvtec_root: Path, tmp_path: Path) -> N
     aand = results[results["model.class_path"] == "Aand"].iloc[0]
     for metric in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
         assert 0.0 <= float(aand[metric]) <= 1.0, results.to_string()
+
+
+def test_collect_patch_only_for_affected_anomalib_versions() -> None:
+    """The hook replaces ``BenchmarkJob.collect`` only where anomalib's own fails (``COLLECT_PATCH_VERSIONS``)."""
+    import types
+
+    from anomalib_aand_hook import patch_benchmark_collect
+
+    original = object()
+    for version, patched in (("2.7.0", True), ("2.9.1", True), ("2.6.0", False), ("3.0.0", False)):
+        job = types.SimpleNamespace(BenchmarkJob=types.SimpleNamespace(collect=original))
+        assert patch_benchmark_collect(job, version) == patched, version
+        assert (job.BenchmarkJob.collect is not original) == patched, version
