@@ -12,10 +12,13 @@ import zipfile
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from anomalib_aand.torch_model import AandModel
 
 logger = logging.getLogger(__name__)
 
@@ -210,10 +213,10 @@ def check_hyperparameters(
             raise ValueError(msg)
 
 
-def check_export_size(model: Any, input_size: tuple[int, int] | None, top_k: int) -> None:  # noqa: ANN401
+def check_export_size(model: "AandModel", input_size: tuple[int, int] | None, top_k: int) -> None:
     """Refuse an ONNX export of a model without a Resize in its pre-processor unless ``input_size`` suits it.
 
-    ``model`` is the ``AandModel``: it knows the accepted sizes.
+    The ``AandModel`` knows the accepted sizes.
     """
     if input_size is None:
         stride = model.stride

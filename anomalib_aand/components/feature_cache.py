@@ -10,10 +10,13 @@ epoch length, distributed sampling and resuming stay Lightning's.
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +117,7 @@ class FeatureCache:
             self.entries[path] = ([f[i] for f in stored], fingerprint)
 
 
-def train_images(trainer: Any) -> tuple[int | None, int]:  # noqa: ANN401
+def train_images(trainer: "Trainer") -> tuple[int | None, int]:
     """``(images, batches)`` per epoch of the process whose cache is sized: images ``None`` if unknown.
 
     One process sees the whole training set today; with several ranks this is where one rank's share goes.
@@ -167,7 +170,7 @@ class Stage2Targets:
 
     def start(
         self,
-        trainer: Any,  # noqa: ANN401
+        trainer: "Trainer",
         student: Callable[[list[torch.Tensor]], list[torch.Tensor]],
         loss: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor],
         state: nn.Module,
@@ -263,7 +266,7 @@ def _side_effect_free(state: nn.Module, run: Callable[[], torch.Tensor]) -> torc
     return result
 
 
-def _random_training_transforms(trainer: Any) -> list[str]:  # noqa: ANN401
+def _random_training_transforms(trainer: "Trainer") -> list[str]:
     """Random transforms among the datamodule's augmentations, the dataset's and the model's pre-processor."""
     datamodule = getattr(trainer, "datamodule", None)
     dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
