@@ -6,10 +6,13 @@ nothing; only when a program itself imports
 
 - ``anomalib.models``: ``anomalib_aand`` is imported and registers ``Aand`` there
   (``anomalib_aand.register``);
-- ``anomalib.pipelines.benchmark.job``: ``BenchmarkJob.collect`` is replaced by one that accepts
-  results with different keys. anomalib 2.7's raises ``ValueError: All arrays must be of the same
-  length`` (and writes no results file) as soon as two models in one benchmark differ in their
-  ``init_args`` or metrics, as Aand and ReverseDistillation do.
+- ``anomalib.pipelines.benchmark.job``, for anomalib versions in ``COLLECT_PATCH_VERSIONS`` only:
+  ``BenchmarkJob.collect`` is replaced, for every user of that anomalib, by one that accepts results
+  with different keys. anomalib 2.7.0's raises ``ValueError: All arrays must be of the same length``
+  (and writes no results file) as soon as two models in one benchmark differ in their ``init_args``
+  or metrics, as Aand and ReverseDistillation do. The newest upstream source stored here still has
+  it; 2.7 is the oldest anomalib this package supports and 3.0 the first it does not, so the range
+  is ``>=2.7,<3``: narrow it once upstream fixes ``collect``.
 
 Failures only warn: the hook must never break an unrelated program.
 """
@@ -33,13 +36,29 @@ def _collect_results(results: list[dict[str, Any]]) -> Any:  # noqa: ANN401
     return pd.DataFrame(results)
 
 
-def _patch_benchmark_collect(module: Any) -> None:  # noqa: ANN401
+# anomalib versions (major, minor) whose ``BenchmarkJob.collect`` needs the patch: [first, last).
+COLLECT_PATCH_VERSIONS = ((2, 7), (3, 0))
+
+
+def _release(version: str) -> tuple[int, int]:
+    """``"2.7.0"`` -> ``(2, 7)``; pre-release suffixes are ignored."""
+    major, minor = [*version.split("."), "0"][:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def patch_benchmark_collect(module: Any, anomalib_version: str | None = None) -> bool:  # noqa: ANN401
+    """Replace ``module.BenchmarkJob.collect`` if the anomalib version (default: the imported one) needs it."""
+    version = anomalib_version or getattr(sys.modules.get("anomalib"), "__version__", "0.0")
+    first, last = COLLECT_PATCH_VERSIONS
+    if not first <= _release(version) < last:
+        return False
     module.BenchmarkJob.collect = staticmethod(_collect_results)
+    return True
 
 
-ACTIONS: dict[str, Callable[[Any], None]] = {
+ACTIONS: dict[str, Callable[[Any], object]] = {
     "anomalib.models": _register_aand,
-    "anomalib.pipelines.benchmark.job": _patch_benchmark_collect,
+    "anomalib.pipelines.benchmark.job": patch_benchmark_collect,
 }
 
 

@@ -17,6 +17,7 @@ class BuildPyWithHook(build_py):
     """Regular wheels: the ``.pth`` goes to the root of ``build_lib``, which becomes site-packages."""
 
     def run(self) -> None:
+        """Build as usual, then copy the hook."""
         super().run()
         self.copy_file(str(HOOK), str(Path(self.build_lib) / HOOK.name))
 

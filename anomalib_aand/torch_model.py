@@ -14,6 +14,7 @@ from torch import nn
 from .anomaly_map import AnomalyMapGenerator
 from .components.raa import ResidualAnomalyAmplification
 from .components.student import build_student
+from .components.synthesis import mask_at
 from .components.teacher import build_teacher
 
 
@@ -38,6 +39,7 @@ class AandModel(nn.Module):
         amplification: bool = True,
     ) -> None:
         super().__init__()
+        self.backbone, self.layers = backbone, list(layers)
         self.teacher = build_teacher(backbone, layers)
         self.channels: list[int] = list(self.teacher.out_dims)
         self.reductions: list[int] = list(self.teacher.reductions)
@@ -48,6 +50,34 @@ class AandModel(nn.Module):
         )
         self.bottleneck, self.decoder = build_student(backbone, layers, self.channels, self.reductions)
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=4.0)
+
+    @property
+    def stride(self) -> int:
+        """Image sides must be multiples of this: twice the deepest layer's reduction (the student halves it)."""
+        return 2 * self.reductions[-1]
+
+    def check_input_size(self, size: Sequence[int], top_k: int = 1) -> None:
+        """Refuse an image size the student cannot mirror, or too small for HKD's ``top_k`` positions per image.
+
+        ``top_k`` may not exceed the positions of the coarsest feature map.
+        """
+        height, width = int(size[0]), int(size[1])
+        stride = self.stride
+        if height % stride or width % stride:
+            ok = [stride * k for k in range(max(1, height // stride), height // stride + 3)]
+            msg = (
+                f"Image size {height}x{width} does not suit backbone {self.backbone!r} with layers {self.layers}: "
+                f"height and width must be multiples of {stride}, e.g. {ok}. Set the pre-processor's Resize (or the "
+                "data's image size) accordingly."
+            )
+            raise ValueError(msg)
+        smallest = (height // self.reductions[-1]) * (width // self.reductions[-1])
+        if top_k > smallest:
+            msg = (
+                f"hkd_top_k={top_k} exceeds the {smallest} positions of the coarsest feature map at image size "
+                f"{height}x{width}; lower it or use larger images."
+            )
+            raise ValueError(msg)
 
     def train(self, mode: bool = True) -> "AandModel":
         """Set the mode; the teacher's BatchNorm always stays in eval mode."""
@@ -62,14 +92,17 @@ class AandModel(nn.Module):
     def amplify(
         self,
         features: Sequence[torch.Tensor],
-        masks: Sequence[torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Amplified features ``F^A_s`` and gates ``g_s``; ``masks`` force the gate (stage-1 teacher forcing)."""
+        """Amplified features ``F^A_s`` and gates ``g_s``.
+
+        ``mask`` (``(B, 1, H, W)`` at image size, 0/1) forces the gate at each scale (stage-1 teacher forcing).
+        """
         if self.raa is None:
             return list(features), [torch.zeros_like(f[:, :1]) for f in features]
         outputs = [
-            raa(f, None if masks is None else m)
-            for raa, f, m in zip(self.raa, features, masks or [None] * len(features), strict=True)
+            raa(f, None if mask is None else mask_at(mask, f.shape[-2:]))
+            for raa, f in zip(self.raa, features, strict=True)
         ]
         return [o[0] for o in outputs], [o[1] for o in outputs]
 

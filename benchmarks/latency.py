@@ -14,6 +14,7 @@ Writes ``latency.md`` (Markdown table with the CPU's name and load), ``latency.c
 """
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -119,19 +120,21 @@ def measure(backbone: str, amplification: bool, args: argparse.Namespace, workdi
     for batch in BATCHES:
         images = torch.rand(batch, 3, SIZE, SIZE)
         with torch.inference_mode():
-            row[f"torch eager b{batch}"] = median_ms_per_image(lambda: model(images), batch, args.warmup, args.repeats)
+            row[f"torch eager b{batch}"] = median_ms_per_image(
+                functools.partial(model, images), batch, args.warmup, args.repeats
+            )
         for name, network in compiled.items():
-            array = images.numpy()
-            row[f"{name} b{batch}"] = median_ms_per_image(lambda: network(array), batch, args.warmup, args.repeats)
+            run = functools.partial(network, images.numpy())
+            row[f"{name} b{batch}"] = median_ms_per_image(run, batch, args.warmup, args.repeats)
     print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     return row
 
 
 def write_report(rows: list[dict[str, object]], out: Path, header: str) -> None:
     """Markdown table, CSV and a bar chart."""
-    import matplotlib
+    import matplotlib as mpl
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
 

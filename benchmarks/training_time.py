@@ -38,9 +38,11 @@ class EpochTimer(Callback):
         self._start = 0.0
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
         self.seconds.append(time.perf_counter() - self._start)
 
 
@@ -109,24 +111,24 @@ def interleaved_steps(backbone: str, args: argparse.Namespace) -> dict:
     with torch.no_grad():
         cache.put(paths, images, model.model.amplified_features(images))
 
-    def step(cached: bool) -> float:
+    def step(*, cached: bool) -> float:
         start = time.perf_counter()
         if cached:
             amplified = cache.get(paths, images)
         else:
             with torch.no_grad():
                 amplified = model.model.amplified_features(images)
-        loss = model._distillation_loss(amplified, model.model.distill(amplified))  # noqa: SLF001
+        loss = model.distillation_loss(amplified, model.model.distill(amplified))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         return time.perf_counter() - start
 
-    step(True), step(False)  # warm-up
+    step(cached=True), step(cached=False)  # warm-up
     times: dict[str, list[float]] = {"cached": [], "uncached": []}
     for _ in range(args.interleaved):
-        times["uncached"].append(step(False))
-        times["cached"].append(step(True))
+        times["uncached"].append(step(cached=False))
+        times["cached"].append(step(cached=True))
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     return {
         "step_cached_s": median["cached"],
@@ -194,10 +196,13 @@ def main() -> None:
 
     print(f"\nDevice: {device}; {args.train_images} train images of {args.image_size} px, batch {args.batch_size}.")
     print(
-        f"ReverseDistillation ({rd['backbone']}): {rd['epoch_s']:.1f} s/epoch, {args.rd_epochs} epochs = {rd['total_s'] / 60:.1f} min (load {rd['load_before']} -> {rd['load_after']})\n"
+        f"ReverseDistillation ({rd['backbone']}): {rd['epoch_s']:.1f} s/epoch, {args.rd_epochs} epochs = "
+        f"{rd['total_s'] / 60:.1f} min (load {rd['load_before']} -> {rd['load_after']})\n"
     )
     print(
-        "| teacher | student | stage 1 s/epoch | stage 2 s/epoch uncached | stage 2 s/epoch cached (first, filling) | cached / uncached | AAND total, cache (min) | AAND total, no cache (min) | AAND / RD | load avg (1, 5, 15 min) |"
+        "| teacher | student | stage 1 s/epoch | stage 2 s/epoch uncached | stage 2 s/epoch cached (first, filling) "
+        "| cached / uncached | AAND total, cache (min) | AAND total, no cache (min) | AAND / RD "
+        "| load avg (1, 5, 15 min) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
@@ -222,7 +227,8 @@ def main() -> None:
         print(f"\nStage-2 steps alternated {args.interleaved}x (median s per step, cached / uncached):")
         for row in rows:
             print(
-                f"- {row['backbone']}: {row['step_cached_s']:.2f} / {row['step_uncached_s']:.2f} = {row['step_ratio']:.2f}"
+                f"- {row['backbone']}: {row['step_cached_s']:.2f} / {row['step_uncached_s']:.2f} "
+                f"= {row['step_ratio']:.2f}"
             )
     print("\n" + json.dumps(figures, indent=1))
     if args.json is not None:

@@ -43,7 +43,8 @@ def test_hook_acts_only_when_anomalib_is_imported(tmp_path: Path) -> None:
         "from anomalib_aand import Aand\n"
         "assert models.Aand is Aand\n"
         "for path in ('Aand', 'anomalib_aand.Aand', 'anomalib.models.Aand'):\n"
-        "    model = get_model({'class_path': path, 'init_args': {'backbone': 'resnet18', 'stage1_epochs': 0, 'stage2_epochs': 1}})\n"
+        "    init_args = {'backbone': 'resnet18', 'stage1_epochs': 0, 'stage2_epochs': 1}\n"
+        "    model = get_model({'class_path': path, 'init_args': init_args})\n"
         "    assert type(model) is Aand, path\n"
         "from anomalib.pipelines.benchmark.job import BenchmarkJob\n"
         "assert BenchmarkJob.collect([{'a': 1, 'b': 2}, {'a': 3, 'c': 4}]).shape == (2, 3)\n"
@@ -107,8 +108,22 @@ def test_benchmark_results_have_aand_rows(mvtec_root: Path, tmp_path: Path) -> N
     log = (tmp_path / "runs" / "pipeline.log").read_text() if (tmp_path / "runs" / "pipeline.log").exists() else ""
     assert len(files) == 1, log[-3000:]
     results = pd.read_csv(files[0])
-    assert "Error" not in log and "not allowed" not in log, log[-3000:]
+    assert "Error" not in log, log[-3000:]
+    assert "not allowed" not in log, log[-3000:]
     assert sorted(results["model.class_path"]) == ["Aand", "ReverseDistillation"], results.to_string()
     aand = results[results["model.class_path"] == "Aand"].iloc[0]
     for metric in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
         assert 0.0 <= float(aand[metric]) <= 1.0, results.to_string()
+
+
+def test_collect_patch_only_for_affected_anomalib_versions() -> None:
+    """The hook replaces ``BenchmarkJob.collect`` only where anomalib's own fails (``COLLECT_PATCH_VERSIONS``)."""
+    import types
+
+    from anomalib_aand_hook import patch_benchmark_collect
+
+    original = object()
+    for version, patched in (("2.7.0", True), ("2.9.1", True), ("2.6.0", False), ("3.0.0", False)):
+        job = types.SimpleNamespace(BenchmarkJob=types.SimpleNamespace(collect=original))
+        assert patch_benchmark_collect(job, version) == patched, version
+        assert (job.BenchmarkJob.collect is not original) == patched, version

@@ -12,8 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from torchvision.transforms import v2
 
 from anomalib_aand import Aand
-from anomalib_aand import lightning_model as lm
-from anomalib_aand.components.feature_cache import FeatureCache, random_transforms
+from anomalib_aand.components.feature_cache import HALF_PRECISION_RTOL, Stage2Targets, random_transforms
 
 SIZE = 64
 
@@ -26,9 +25,11 @@ class LossRecorder(Callback):
         self.weights: list[dict[str, torch.Tensor]] = []
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        del trainer, pl_module, batch, batch_idx
         self.losses.append(float(outputs["loss"]))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer
         student = {
             **pl_module.model.bottleneck.state_dict(prefix="b."),
             **pl_module.model.decoder.state_dict(prefix="d."),
@@ -59,6 +60,7 @@ def _fit(
     ckpt_path: Path | None = None,
     save_to: Path | None = None,
     stage2_epochs: int = 2,
+    targets: Stage2Targets | None = None,
     **model_args,
 ) -> tuple[Aand, LossRecorder]:
     seed_everything(0, workers=True)
@@ -75,6 +77,8 @@ def _fit(
         visualizer=False,
         **model_args,
     )
+    if targets is not None:
+        model.stage2_targets = targets
     datamodule = MVTecAD(
         root=root,
         category="toy",
@@ -109,8 +113,8 @@ def _stage2(recorder: LossRecorder) -> tuple[list[float], list[dict[str, torch.T
 
 def _assert_same_weights(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor], atol: float) -> None:
     assert left.keys() == right.keys()
-    for name in left:
-        torch.testing.assert_close(left[name], right[name], rtol=0, atol=atol, msg=f"student weight {name} differs")
+    for name, value in left.items():
+        torch.testing.assert_close(value, right[name], rtol=0, atol=atol, msg=f"student weight {name} differs")
 
 
 @pytest.fixture(scope="module")
@@ -118,34 +122,19 @@ def plain_run(data_root: Path) -> tuple[list[float], list[dict[str, torch.Tensor
     return _stage2(_fit(data_root, cache_features=False)[1])
 
 
-@pytest.fixture
-def caches(monkeypatch: pytest.MonkeyPatch) -> list[FeatureCache | None]:
-    """Every feature cache (or ``None``) a fit decides on."""
-    seen: list[FeatureCache | None] = []
-    original = lm.Aand._start_feature_cache
-
-    def spy(self: Aand, *args) -> FeatureCache | None:
-        cache = original(self, *args)
-        seen.append(cache)
-        return cache
-
-    monkeypatch.setattr(lm.Aand, "_start_feature_cache", spy)
-    return seen
-
-
-def test_cached_epochs_match_plain_loop(data_root: Path, plain_run, caches, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_epochs_match_plain_loop(data_root: Path, plain_run) -> None:
     """float32 cache: the second stage-2 epoch is served from the cache and ends with the same weights."""
-    monkeypatch.setattr(lm, "HALF_PRECISION_RTOL", -1.0)  # force float32 storage
-    seen = caches
-    model, recorder = _fit(data_root)
+    targets = Stage2Targets(half_precision_rtol=-1.0)  # float32 storage
+    model, recorder = _fit(data_root, targets=targets)
     losses, weights = _stage2(recorder)
     plain_losses, plain_weights = plain_run
-    assert len(seen) == 1
-    assert seen[0] is not None
-    assert seen[0].dtype == torch.float32
-    assert len(seen[0]) == 12  # every training image cached once
-    assert seen[0].hits == 3  # all of the second stage-2 epoch's batches came from the cache
-    assert model._feature_cache is None  # freed when training ends
+    assert model.stage2_targets is targets
+    assert targets.reason is None
+    assert targets.dtype == torch.float32
+    assert targets.stored == 12  # every training image cached once
+    assert targets.hits == 3  # all of the second stage-2 epoch's batches came from the cache
+    assert not targets.enabled  # freed when training ends
+    assert len(targets) == 0
     torch.testing.assert_close(losses, plain_losses, rtol=1e-5, atol=1e-6)
     for cached, plain in zip(weights, plain_weights, strict=True):
         _assert_same_weights(cached, plain, atol=1e-5)
@@ -154,17 +143,19 @@ def test_cached_epochs_match_plain_loop(data_root: Path, plain_run, caches, monk
 def test_half_precision_cache_keeps_loss(data_root: Path, plain_run, caplog: pytest.LogCaptureFixture) -> None:
     """The default float16 cache moves the stage-2 losses by far less than HALF_PRECISION_RTOL."""
     with caplog.at_level(logging.INFO, logger="anomalib_aand"):
-        _, recorder = _fit(data_root)
+        model, recorder = _fit(data_root)
     assert "trains from cached teacher features: 12 images" in caplog.text
     assert "float16" in caplog.text
+    assert model.stage2_targets.dtype == torch.float16
     losses, _ = _stage2(recorder)
-    torch.testing.assert_close(losses, plain_run[0], rtol=lm.HALF_PRECISION_RTOL, atol=0)
+    torch.testing.assert_close(losses, plain_run[0], rtol=HALF_PRECISION_RTOL, atol=0)
 
 
 class AddNoise(v2.Transform):
     """A random transform the static check cannot recognise by name."""
 
     def transform(self, inpt, params):
+        del params
         if isinstance(inpt, torch.Tensor) and inpt.is_floating_point() and inpt.ndim == 3:
             return inpt + 0.05 * torch.randn_like(inpt)
         return inpt
@@ -173,8 +164,10 @@ class AddNoise(v2.Transform):
 def test_changing_images_switch_cache_off(data_root: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Random data the name check misses is caught by the fingerprints; the result equals the plain loop."""
     with caplog.at_level(logging.INFO, logger="anomalib_aand"):
-        _, cached = _fit(data_root, augmentations=AddNoise())
+        model, cached = _fit(data_root, augmentations=AddNoise())
     assert "changed between epochs" in caplog.text
+    assert "changed between epochs" in model.stage2_targets.reason
+    assert model.stage2_targets.hits == 0
     _, plain = _fit(data_root, augmentations=AddNoise(), cache_features=False)
     torch.testing.assert_close(cached.losses, plain.losses)
 
@@ -192,27 +185,30 @@ def test_fallbacks_say_why(data_root: Path, args: dict, augmentations, message: 
         model, _ = _fit(data_root, epochs=2, augmentations=augmentations, **args)
     assert "recomputes the teacher features every step: " in caplog.text
     assert message in caplog.text
-    assert model._feature_cache is None
+    assert message in model.stage2_targets.reason
+    assert model.stage2_targets.stored == 0
+    assert model.stage2_targets.dtype is None
 
 
-def test_resume_rebuilds_cache_and_checkpoint_holds_none(
-    data_root: Path, tmp_path: Path, caches, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resume_rebuilds_cache_and_checkpoint_holds_none(data_root: Path, tmp_path: Path) -> None:
     """A checkpoint saved mid stage 2 has no cache in it; resuming refills it and matches an uncached resume."""
-    monkeypatch.setattr(lm, "HALF_PRECISION_RTOL", -1.0)  # float32 storage, to compare weights tightly
     checkpoint = tmp_path / "stage2.ckpt"
-    _fit(data_root, epochs=2, stage2_epochs=3, save_to=checkpoint)
+    first, _ = _fit(
+        data_root, epochs=2, stage2_epochs=3, save_to=checkpoint, targets=Stage2Targets(half_precision_rtol=-1.0)
+    )
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert not any("cache" in key for key in state["state_dict"])
     assert state["hyper_parameters"]["cache_features"] is True
-    resumed, cached = _fit(data_root, epochs=4, stage2_epochs=3, ckpt_path=checkpoint)
-    _, plain = _fit(data_root, epochs=4, stage2_epochs=3, ckpt_path=checkpoint, cache_features=False)
+    assert first.stage2_targets.stored == 12
+    resumed, cached = _fit(
+        data_root, epochs=4, stage2_epochs=3, ckpt_path=checkpoint, targets=Stage2Targets(half_precision_rtol=-1.0)
+    )
+    uncached, plain = _fit(data_root, epochs=4, stage2_epochs=3, ckpt_path=checkpoint, cache_features=False)
     assert resumed.current_epoch == 4
-    assert len(caches) == 3  # one cache per fit: before saving, on resume, and None for the uncached resume
-    assert caches[1] is not None
-    assert len(caches[1]) == 12
-    assert caches[1].hits == 3  # rebuilt in the first resumed epoch, used in the second
-    assert caches[2] is None
+    assert resumed.stage2_targets.stored == 12  # rebuilt in the first resumed epoch ...
+    assert resumed.stage2_targets.hits == 3  # ... and used in the second
+    assert uncached.stage2_targets.reason == "cache_features=False"
+    assert uncached.stage2_targets.stored == 0
     torch.testing.assert_close(cached.losses, plain.losses, rtol=1e-5, atol=1e-6)
     _assert_same_weights(cached.weights[-1], plain.weights[-1], atol=1e-5)
 
@@ -223,3 +219,73 @@ def test_random_transforms_found_inside_compose() -> None:
     )
     assert random_transforms(transform) == ["RandomChoice", "ColorJitter"]
     assert random_transforms(v2.Compose([v2.Resize(64), v2.CenterCrop(64)])) == []
+
+
+class _Loader:
+    """What ``Stage2Targets.start`` reads of a trainer: the training set's size, the number of batches."""
+
+    def __init__(self, images: int) -> None:
+        self.dataset = [None] * images
+        self.datamodule = self.lightning_module = None
+        self.train_dataloader = self
+        self.num_training_batches = images // 2
+
+
+def _features(images: torch.Tensor) -> list[torch.Tensor]:
+    return [images * 2, images[:, :, ::2, ::2] + 1]
+
+
+def test_stage2_targets_serve_from_cache_and_fall_back() -> None:
+    """Unit: computed once per image, served after, float16 kept when the probe allows; a changed image ends it."""
+    targets = Stage2Targets(budget_gb=1.0)
+    computed = []
+
+    def compute(images: torch.Tensor) -> list[torch.Tensor]:
+        computed.append(len(images))
+        return _features(images)
+
+    loss = torch.nn.MSELoss()
+    targets.start(
+        _Loader(4),
+        student=lambda features: [f * 0 for f in features],
+        loss=lambda t, s: loss(t[0], s[0]),
+        state=torch.nn.BatchNorm1d(3),
+    )
+    images = torch.rand(4, 3, 8, 8)
+    paths = ["a", "b", "c", "d"]
+    first = targets(images[:2], paths[:2], compute)
+    targets(images[2:], paths[2:], compute)
+    assert (targets.enabled, targets.dtype, targets.stored, len(targets), computed) == (
+        True,
+        torch.float16,
+        4,
+        4,
+        [2, 2],
+    )
+    again = targets(images[:2], paths[:2], compute)
+    assert targets.hits == 1
+    assert computed == [2, 2]
+    for cached, fresh in zip(again, first, strict=True):
+        torch.testing.assert_close(cached, fresh, rtol=1e-3, atol=1e-3)  # float16 storage
+    changed = images[2:].clone()
+    changed[0, 0, 0, 0] += 0.5
+    served = targets(changed, paths[2:], compute)
+    assert not targets.enabled
+    assert "changed between epochs" in targets.reason
+    torch.testing.assert_close(served[0], changed * 2)
+    targets.stop()
+    assert len(targets) == 0
+
+
+def test_stage2_targets_budget_and_missing_paths() -> None:
+    """The budget is the whole training set's features; batches without paths cannot be keyed."""
+    small = Stage2Targets(budget_gb=1e-9)
+    small.start(_Loader(100), student=list, loss=lambda targets, _: targets[0].sum(), state=torch.nn.Identity())
+    small(torch.rand(2, 3, 8, 8), ["a", "b"], _features)
+    assert not small.enabled
+    assert "for 100 images, over cache_budget_gb=1e-09" in small.reason
+    pathless = Stage2Targets()
+    pathless.start(_Loader(4), student=list, loss=lambda targets, _: targets[0].sum(), state=torch.nn.Identity())
+    pathless(torch.rand(2, 3, 8, 8), None, _features)
+    assert pathless.reason == "the training batches carry no image paths to key the cache by"
+    assert Stage2Targets().reason == "training has not started"

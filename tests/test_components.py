@@ -1,6 +1,7 @@
 """Unit tests of AAND's building blocks, with values checked by hand."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,14 @@ from anomalib_aand.anomaly_map import AnomalyMapGenerator
 from anomalib_aand.components.raa import ResidualAnomalyAmplification, positional_encoding_2d
 from anomalib_aand.components.student import Decoder, build_student
 from anomalib_aand.components.synthesis import mask_at
-from anomalib_aand.loss import amplification_loss, cosine_loss, focal_loss, hkd_loss
+from anomalib_aand.loss import (
+    AmplificationLoss,
+    DistillationLoss,
+    amplification_loss,
+    cosine_loss,
+    focal_loss,
+    hkd_loss,
+)
 
 torch.manual_seed(0)
 
@@ -36,7 +44,8 @@ def test_gate_in_unit_interval_and_teacher_forcing() -> None:
     features = torch.randn(2, 16, 6, 7)
     amplified, gate = raa(features)
     assert gate.shape == (2, 1, 6, 7)
-    assert gate.min() >= 0 and gate.max() <= 1
+    assert gate.min() >= 0
+    assert gate.max() <= 1
     residual = torch.tanh(raa.residual(features)) * features
     assert torch.allclose(amplified, features + gate * residual, atol=1e-6)
 
@@ -85,7 +94,7 @@ def test_amplification_loss_hand_values() -> None:
     pushed = _map([[1.0, 0.0], [0.0, 1.0]])
     assert amplification_loss(features, pushed, mask, margin=0.3).item() == pytest.approx(0.0, abs=1e-6)
     # no anomalous position: exactly zero, and still differentiable
-    amplified = features.clone().requires_grad_(True)
+    amplified = features.clone().requires_grad_(requires_grad=True)
     zero = amplification_loss(features, amplified, torch.zeros(1, 1, 1, 2))
     assert zero.item() == 0.0
     zero.backward()
@@ -93,11 +102,34 @@ def test_amplification_loss_hand_values() -> None:
     assert amplification_loss(features, features, mask, foreground=torch.zeros(1, 1, 1, 2)).item() == 0.0
 
 
+def _unit_vectors(angles: torch.Tensor) -> torch.Tensor:
+    return torch.stack([angles.cos(), angles.sin()])
+
+
 def test_amplification_loss_samples_at_most_the_limits() -> None:
-    features = torch.randn(2, 8, 20, 20)
-    mask = (torch.rand(2, 1, 20, 20) > 0.5).float()
-    value = amplification_loss(features, features, mask, max_normal=7, max_anomalous=3, margin=0.3)
-    assert value.item() == pytest.approx(0.3, abs=1e-5)  # unchanged features sit exactly at the margin
+    """Every (normal, anomalous) pair has its own term: the value reveals how many pairs were averaged."""
+    generator = torch.Generator().manual_seed(0)
+    normal, anomalous, pushed = (torch.rand(n, generator=generator) * 6.28 for n in (6, 4, 4))
+    plain = torch.cat([_unit_vectors(normal), _unit_vectors(anomalous)], dim=1)[None, :, None, :]
+    amplified = torch.cat([_unit_vectors(normal), _unit_vectors(pushed)], dim=1)[None, :, None, :]
+    mask = torch.tensor([0.0] * 6 + [1.0] * 4).view(1, 1, 1, 10)
+    # margin 3 keeps every term positive: term(i, j) = cos(n_i, pushed_j) - cos(n_i, a_j) + 3
+    terms = _unit_vectors(normal).t() @ (_unit_vectors(pushed) - _unit_vectors(anomalous)) + 3.0  # (6, 4)
+    full = amplification_loss(plain, amplified, mask, margin=3.0)
+    assert full.item() == pytest.approx(terms.mean().item(), abs=1e-6)  # limits above the counts: every pair
+    pairs = {round(v, 5) for v in terms.flatten().tolist()}
+    rows = {
+        round((terms[i, j] + terms[k, j]).item() / 2, 5) for i in range(6) for k in range(i + 1, 6) for j in range(4)
+    }
+    seen = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        one = amplification_loss(plain, amplified, mask, margin=3.0, max_normal=1, max_anomalous=1).item()
+        two = amplification_loss(plain, amplified, mask, margin=3.0, max_normal=2, max_anomalous=1).item()
+        assert round(one, 5) in pairs  # exactly one pair
+        assert round(two, 5) in rows  # two normal positions against one anomalous one
+        seen.add(round(one, 5))
+    assert len(seen) > 1  # the pair is drawn at random
 
 
 def test_hkd_top_k_and_global_term() -> None:
@@ -112,6 +144,40 @@ def test_hkd_top_k_and_global_term() -> None:
     assert hkd_loss([target], [student], top_k=4).item() == pytest.approx(0.75 + flat, abs=1e-6)
     assert cosine_loss([target], [student]).item() == pytest.approx(flat, abs=1e-6)
     assert hkd_loss([target, target], [target, target], top_k=2).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_loss_module() -> None:
+    target = [torch.randn(2, 4, 3, 3), torch.randn(2, 8, 2, 2)]
+    student = [t + 0.3 * torch.randn_like(t) for t in target]
+    hkd, cosine = DistillationLoss("hkd", top_k=3), DistillationLoss("cosine")
+    assert hkd(target, student).item() == pytest.approx(hkd_loss(target, student, 3).item())
+    assert cosine(target, student).item() == pytest.approx(cosine_loss(target, student).item())
+    assert hkd(target, student) > cosine(target, student)  # the hard term comes on top of the global one
+    with pytest.raises(ValueError, match="'hkd' or 'cosine'"):
+        DistillationLoss("l2")
+
+
+def test_amplification_loss_module_resizes_masks_and_weights_terms() -> None:
+    features = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
+    amplified = [f + torch.randn_like(f) for f in features]
+    gates = [torch.rand(2, 1, 8, 8), torch.rand(2, 1, 4, 4)]
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[..., :16, :16] = 1
+    foreground = torch.ones(2, 1, 32, 32)
+    losses = AmplificationLoss(focal_alpha=0.8, focal_gamma=2.0, weight=0.5, margin=0.3)(
+        features, amplified, gates, mask, foreground
+    )
+    masks = [mask_at(mask, f.shape[-2:]) for f in features]
+    focal = sum(focal_loss(g, m, 0.8, 2.0) for g, m in zip(gates, masks, strict=True))
+    amplification = sum(
+        amplification_loss(f, a, m, mask_at(foreground, f.shape[-2:]), margin=0.3)
+        for f, a, m in zip(features, amplified, masks, strict=True)
+    )
+    assert losses["focal"].item() == pytest.approx(focal.item(), rel=1e-6)
+    assert losses["amplification"].item() == pytest.approx(amplification.item(), rel=1e-6)
+    assert losses["loss"].item() == pytest.approx(focal.item() + 0.5 * amplification.item(), rel=1e-6)
+    no_foreground = AmplificationLoss()(features, amplified, gates, mask, torch.zeros_like(foreground))
+    assert no_foreground["amplification"].item() == 0.0  # no normal position left
 
 
 @pytest.mark.parametrize(
@@ -154,7 +220,8 @@ def test_anomaly_map_and_score() -> None:
     assert anomaly_map.shape == (2, 1, 32, 32)
     assert anomaly_map[0].abs().max() < 1e-5
     peak = torch.nonzero(anomaly_map[1, 0] == anomaly_map[1, 0].max())[0]
-    assert 4 <= peak[0] <= 14 and 14 <= peak[1] <= 26  # around row 2/8, column 5/8 of the image
+    assert 4 <= peak[0] <= 14  # around row 2/8, column 5/8 of the image
+    assert 14 <= peak[1] <= 26
 
     model = AandModel("resnet18", num_keys=2).eval()
     with torch.no_grad():
@@ -192,3 +259,20 @@ def test_mask_at_feature_scale() -> None:
     mask[..., :2, :2] = 1  # 1/16 of a quadrant: average 0.0625 < 0.3 vanishes at 2x2
     assert mask_at(mask, (2, 2)).sum() == 0
     assert mask_at(mask, (8, 8)).sum() == 1
+
+
+@pytest.mark.parametrize(
+    ("stage1_epochs", "fixture"),
+    [(1, "aand_resnet18_state_dict_keys.txt"), (0, "aand_resnet18_no_amplification_state_dict_keys.txt")],
+)
+def test_state_dict_keys_match_released_checkpoints(stage1_epochs: int, fixture: str) -> None:
+    """Checkpoints written before the refactor keep loading: the state_dict key names stay the same.
+
+    The fixtures list the keys of ``Aand(backbone="resnet18", stage1_epochs=...)`` at commit c9f007c; a renamed
+    or new persistent tensor (loss modules, the feature cache) would make old checkpoints fail to load.
+    """
+    from anomalib_aand import Aand
+
+    expected = (Path(__file__).parent / "fixtures" / fixture).read_text().split()
+    model = Aand(backbone="resnet18", pre_trained=False, stage1_epochs=stage1_epochs, stage2_epochs=1)
+    assert list(model.state_dict()) == expected

@@ -20,7 +20,8 @@ from lightning import seed_everything
 from PIL import Image
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from anomalib_aand import Aand, infer
+from anomalib_aand import Aand
+from anomalib_aand.tools import infer
 
 SIZE = 64
 TOLERANCE = 1e-3

@@ -164,20 +164,26 @@ def test_configs_parse(config: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_engine_fit_test_predict_and_reload(mvtec_root: Path, tmp_path: Path) -> None:
+    """The ImageNet teacher (offline package weights) finds the toy set's large dark squares.
+
+    Measured floors with margin: image AUROC 1.0 and pixel AUROC >= 0.98 on data seeds 0, 1 and 2.
+    """
     model = Aand(
         backbone="tf_efficientnet_lite0",
         layers=("blocks.1", "blocks.2", "blocks.4"),
-        pre_trained=False,
+        pre_trained=True,
         stage1_epochs=1,
-        stage2_epochs=1,
+        stage2_epochs=5,
         num_keys=4,
+        pre_processor=Aand.configure_pre_processor((64, 64)),
     )
     datamodule = MVTecAD(root=mvtec_root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
     engine = Engine(default_root_dir=tmp_path, logger=False)
     engine.fit(model=model, datamodule=datamodule)
-    assert engine.trainer.current_epoch == 2
+    assert engine.trainer.current_epoch == 6
     results = engine.test(model=model, datamodule=datamodule)
-    assert 0.0 <= results[0]["image_AUROC"] <= 1.0
+    assert results[0]["image_AUROC"] >= 0.9
+    assert results[0]["pixel_AUROC"] >= 0.9
     first = engine.predict(model=model, datamodule=datamodule)
     checkpoint = (
         engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path

@@ -43,7 +43,7 @@ def test_map_is_finite_sized_and_bounds_the_score(
 ) -> None:
     images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)) * scale + offset
     with torch.no_grad():
-        output = model(amplification)(images)
+        output = model(amplification=amplification)(images)
     assert output.anomaly_map.shape == (batch, 1, height, width)
     assert torch.isfinite(output.anomaly_map).all()
     assert output.pred_score.shape[0] == batch
@@ -54,6 +54,6 @@ def test_map_is_finite_sized_and_bounds_the_score(
 def test_constant_images_give_finite_maps(value: float) -> None:
     """Flat images (all-zero features after ReLU are possible) must not produce NaN from the cosine."""
     with torch.no_grad():
-        output = model(True)(torch.full((2, 3, STRIDE, STRIDE), value))
+        output = model(amplification=True)(torch.full((2, 3, STRIDE, STRIDE), value))
     assert torch.isfinite(output.anomaly_map).all()
     torch.testing.assert_close(output.pred_score.flatten(), output.anomaly_map.flatten(1).amax(dim=1))

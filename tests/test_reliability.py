@@ -3,6 +3,7 @@
 Everything runs offline on generated data with a tiny resnet18 (random weights, 32 px images).
 """
 
+import contextlib
 import logging
 import os
 import shutil
@@ -25,9 +26,15 @@ from lightning.pytorch import Callback, seed_everything
 from PIL import Image
 
 from anomalib_aand import Aand
-from anomalib_aand.components.checks import AandInputError, check_datamodule, check_dataset_folder
+from anomalib_aand.components.checks import (
+    AandInputError,
+    check_datamodule,
+    check_dataset_folder,
+    check_finite_losses,
+)
 from anomalib_aand.components.synthesis import AnomalySynthesizer
 from anomalib_aand.components.teacher import TeacherError, load_teacher_weights
+from anomalib_aand.loss import DistillationLoss
 
 SIZE = 32
 REPO = Path(__file__).resolve().parents[1]
@@ -120,19 +127,28 @@ def test_non_square_size_is_accepted() -> None:
     assert output.anomaly_map.shape == (1, 1, 32, 64)
 
 
-def test_batch_of_unsuitable_size_is_refused() -> None:
-    """A pre-processor without Resize lets any size through: the first batch is checked."""
-    model = tiny_aand(pre_processor=False)
-    with pytest.raises(ValueError, match="Image size 40x40 .* multiples of 32"):
-        model._check_batch(torch.rand(1, 3, 40, 40))  # noqa: SLF001
-    model._check_batch(torch.rand(1, 3, 64, 32))  # noqa: SLF001
+def test_input_size_rules_live_on_the_torch_model() -> None:
+    model = tiny_aand().model
+    assert model.stride == 32  # resnet18 layer3: reduction 16, halved once more by the student
+    model.check_input_size((64, 32), top_k=2)
+    with pytest.raises(ValueError, match=r"Image size 40x40 .* multiples of 32"):
+        model.check_input_size((40, 40))
+    with pytest.raises(ValueError, match="hkd_top_k=9 exceeds the 8 positions"):
+        model.check_input_size((64, 32), top_k=9)
+
+
+def test_batch_of_unsuitable_size_is_refused(tmp_path: Path) -> None:
+    """A pre-processor without Resize lets any size through: the first training batch is checked."""
+    make_mvtec_dataset(tmp_path / "data", n_train=2, n_good=1, n_bad=1, size=40)
+    with pytest.raises(ValueError, match=r"Image size 40x40 .* multiples of 32"):
+        engine(tmp_path / "out").fit(tiny_aand(pre_processor=False), datamodule=datamodule(tmp_path / "data"))
 
 
 def test_backbone_weights_of_another_architecture(tmp_path: Path) -> None:
     path = tmp_path / "resnet34.pth"
     torch.save(timm.create_model("resnet34", pretrained=False).state_dict(), path)
     model = tiny_aand(backbone_weights=str(path))
-    with pytest.raises(TeacherError, match="do not fit backbone 'resnet18'.*same architecture"):
+    with pytest.raises(TeacherError, match=r"do not fit backbone 'resnet18'.*same architecture"):
         load_teacher_weights(model.model.teacher, "resnet18", path)
     with pytest.raises(TeacherError, match="does not exist"):
         load_teacher_weights(model.model.teacher, "resnet18", tmp_path / "missing.pth")
@@ -160,6 +176,7 @@ def test_missing_category_is_refused_before_download(small_root: Path, tmp_path:
     import anomalib.data.datamodules.image.mvtecad as mvtecad_module
 
     def no_download(*args, **kwargs) -> None:
+        del args, kwargs
         pytest.fail("anomalib tried to download the dataset")
 
     monkeypatch.setattr(mvtecad_module, "download_and_extract", no_download)
@@ -180,7 +197,7 @@ def test_empty_training_folder(small_root: Path, tmp_path: Path) -> None:
     base = copy_dataset(small_root, tmp_path / "data")
     for image in (base / "train" / "good").iterdir():
         image.unlink()
-    with pytest.raises(AandInputError, match="training split of MVTecAD .* holds no images"):
+    with pytest.raises(AandInputError, match=r"training split of MVTecAD .* holds no images"):
         engine(tmp_path / "out").fit(tiny_aand(), datamodule=datamodule(tmp_path / "data"))
 
 
@@ -233,7 +250,9 @@ def test_checkpoint_loads_offline_in_fresh_process(trained_checkpoint: Path) -> 
         print("LOADED", model.hparams.backbone)
     """)
     env = offline_env(HTTPS_PROXY="http://0.0.0.0:9", HTTP_PROXY="http://0.0.0.0:9", NO_PROXY="")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOADED resnet18" in result.stdout
 
@@ -241,7 +260,7 @@ def test_checkpoint_loads_offline_in_fresh_process(trained_checkpoint: Path) -> 
 def test_truncated_checkpoint(trained_checkpoint: Path, tmp_path: Path, small_root: Path) -> None:
     truncated = tmp_path / "cut.ckpt"
     truncated.write_bytes(trained_checkpoint.read_bytes()[: trained_checkpoint.stat().st_size // 2])
-    with pytest.raises(AandInputError, match="is damaged .* cut short"):
+    with pytest.raises(AandInputError, match=r"is damaged .* cut short"):
         Aand.load_from_checkpoint(truncated)
     # through the Trainer (``--ckpt_path``) torch itself says so before testing starts
     with pytest.raises(RuntimeError, match="your checkpoint file is corrupted"):
@@ -273,17 +292,6 @@ def test_checkpoint_of_another_model(tmp_path: Path, small_root: Path) -> None:
 
 
 # --------------------------------------------------------------------------- faults in training
-class _FixedSynthesizer(torch.nn.Module):
-    """Returns the images unchanged with a given anomaly and foreground mask."""
-
-    def __init__(self, mask: torch.Tensor, foreground: torch.Tensor) -> None:
-        super().__init__()
-        self.mask, self.foreground = mask, foreground
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return images, self.mask.expand(len(images), -1, -1, -1), self.foreground.expand(len(images), -1, -1, -1)
-
-
 def _speck(size: int = SIZE) -> torch.Tensor:
     mask = torch.zeros(1, 1, size, size)
     mask[..., 10, 10] = 1.0  # one pixel: gone after pooling to any feature scale
@@ -301,8 +309,11 @@ def _speck(size: int = SIZE) -> torch.Tensor:
 )
 def test_stage1_degenerate_masks_give_finite_losses(mask: torch.Tensor, foreground: torch.Tensor) -> None:
     model = tiny_aand()
-    model.synthesizer = _FixedSynthesizer(mask, foreground)
-    losses = model._stage1_losses(torch.randn(2, 3, SIZE, SIZE))  # noqa: SLF001
+    mask, foreground = mask.expand(2, -1, -1, -1), foreground.expand(2, -1, -1, -1)
+    features = model.model.extract(torch.randn(2, 3, SIZE, SIZE))
+    amplified, gates = model.model.amplify(features, mask)
+    losses = model.amplification_loss(features, amplified, gates, mask, foreground)
+    assert set(losses) == {"loss", "focal", "amplification"}
     assert all(torch.isfinite(v) for v in losses.values()), losses
     losses["loss"].backward()
     grads = [p.grad for p in model.model.raa.parameters() if p.grad is not None]
@@ -310,16 +321,25 @@ def test_stage1_degenerate_masks_give_finite_losses(mask: torch.Tensor, foregrou
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+class PoisonedDistillationLoss(DistillationLoss):
+    def forward(self, targets, students) -> torch.Tensor:
+        return super().forward(targets, students) * float("nan")
+
+
+def test_non_finite_loss_names_the_term() -> None:
+    finite = torch.tensor(1.0)
+    losses = {"loss": torch.tensor(float("nan")), "focal": finite, "amplification": torch.tensor(float("inf"))}
+    with pytest.raises(FloatingPointError, match=r"stage 1: the loss term\(s\) \['amplification'\] .* epoch 3"):
+        check_finite_losses(losses, stage=1, epoch=3, step=7, learning_rate=0.005)
+    check_finite_losses({"loss": finite, "focal": finite}, stage=1, epoch=3, step=7, learning_rate=0.005)
+
+
 def test_non_finite_loss_stops_training_with_a_message(small_root: Path, tmp_path: Path) -> None:
     model = tiny_aand(stage1_epochs=1, stage2_epochs=1)
-    original = model._stage2_losses  # noqa: SLF001
-
-    def poisoned(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        losses = original(images)
-        return {"loss": losses["loss"] * float("nan"), "hkd": losses["loss"] * float("inf")}
-
-    model._stage2_losses = poisoned  # noqa: SLF001
-    with pytest.raises(FloatingPointError, match=r"stage 2: the loss term\(s\) \['hkd'\] became non-finite at epoch 1"):
+    model.distillation_loss = PoisonedDistillationLoss("hkd", top_k=2)
+    with pytest.raises(
+        FloatingPointError, match=r"stage 2: the loss term\(s\) \['loss'\] became non-finite at epoch 1"
+    ):
         engine(tmp_path).fit(model, datamodule=datamodule(small_root))
     checkpoint = torch.load(next(tmp_path.rglob("model.ckpt")), weights_only=False, map_location="cpu")
     assert checkpoint["epoch"] == 0  # the last finished epoch (stage 1) is kept
@@ -345,6 +365,7 @@ class Interrupt(Callback):
         self.epoch, self.action, self.record = epoch, action, record
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        del module, batch
         if trainer.current_epoch == self.epoch and batch_idx == 1:
             self.action()
 
@@ -367,19 +388,17 @@ def resumable_run(
     seed_everything(0)
     model = tiny_aand(stage1_epochs=2, stage2_epochs=2)
     run = engine(Path(out), callbacks=[interrupt])
-    try:
+    with contextlib.suppress(SimulatedCrashError):
         getattr(run, method)(model, datamodule=datamodule(Path(root)), ckpt_path=checkpoint)
-    except SimulatedCrash:
-        pass
     return model, next(Path(out).rglob("model.ckpt"))
 
 
-class SimulatedCrash(RuntimeError):
+class SimulatedCrashError(RuntimeError):
     """Stands for a crash inside this test process."""
 
 
 def _crash() -> None:
-    raise SimulatedCrash
+    raise SimulatedCrashError
 
 
 def test_kill_and_resume_in_both_stages(small_root: Path, tmp_path: Path) -> None:
@@ -388,7 +407,7 @@ def test_kill_and_resume_in_both_stages(small_root: Path, tmp_path: Path) -> Non
     (tmp_path / "driver.py").write_text(DRIVER)
     env = offline_env()
     args = [sys.executable, str(tmp_path / "driver.py"), str(small_root), str(tmp_path / "run0"), str(record)]
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == -9, result.stderr[-3000:]
     checkpoint = next((tmp_path / "run0").rglob("model.ckpt"))
     _, checkpoint = resumable_run(small_root, tmp_path / "run1", checkpoint, Interrupt(3, _crash), record)

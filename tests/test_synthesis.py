@@ -17,7 +17,8 @@ def test_synthesis_changes_only_masked_pixels() -> None:
     pixels = torch.rand(3, 3, 64, 64) * 0.5 + 0.25
     synthesizer = AnomalySynthesizer(probability=1.0, mean=MEAN, std=STD)
     augmented, mask, foreground = synthesizer(_normalise(pixels))
-    assert mask.shape == (3, 1, 64, 64) and foreground.shape == mask.shape
+    assert mask.shape == (3, 1, 64, 64)
+    assert foreground.shape == mask.shape
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     assert (mask.flatten(1).sum(1) > 0).all()  # probability 1: every image has an anomaly
     changed = (augmented - _normalise(pixels)).abs().amax(dim=1, keepdim=True) > 1e-5
@@ -36,7 +37,8 @@ def test_foreground_estimator_finds_object_and_falls_back_on_textures() -> None:
     image = torch.full((1, 3, 96, 96), 0.1)
     image[..., 24:72, 24:72] = 0.8  # bright object on a dark background
     mask = ForegroundEstimator()(image)
-    assert mask[0, 0, 48, 48] == 1 and mask[0, 0, 2, 2] == 0
+    assert mask[0, 0, 48, 48] == 1
+    assert mask[0, 0, 2, 2] == 0
     assert 0.15 < mask.mean() < 0.45
     flat = ForegroundEstimator()(torch.full((1, 3, 64, 64), 0.5))
     assert torch.equal(flat, torch.ones_like(flat))

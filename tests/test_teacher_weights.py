@@ -28,6 +28,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every attempt to open a connection fail."""
 
     def refuse(*args: object, **kwargs: object) -> None:
+        del args, kwargs
         msg = "network access in a test"
         raise OSError(msg)
 

@@ -12,10 +12,13 @@ import zipfile
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from anomalib_aand.torch_model import AandModel
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ def _listing(items: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- data
-def check_dataset_folder(datamodule: Any) -> None:
+def check_dataset_folder(datamodule: object) -> None:
     """Refuse a dataset category folder that does not exist, before anomalib tries to download it.
 
     Applies to datamodules with ``root`` and ``category`` (MVTecAD, Visa, MVTec3D, ...). With the
@@ -125,21 +128,21 @@ def check_images(paths: Iterable[str | Path], what: str = "images") -> None:
         )
 
 
-def _dataset_paths(dataset: Any, column: str) -> list[str]:
+def _dataset_paths(dataset: object, column: str) -> list[str]:
     samples = getattr(dataset, "samples", None)
     if samples is None or column not in getattr(samples, "columns", ()):
         return []
     return [p for p in samples[column].tolist() if isinstance(p, str) and p]
 
 
-def _describe(datamodule: Any) -> str:
+def _describe(datamodule: object) -> str:
     root, category = getattr(datamodule, "root", None), getattr(datamodule, "category", None)
     if root is not None and isinstance(category, str):
         return f"{type(datamodule).__name__} {str(Path(root) / category)!r}"
     return type(datamodule).__name__
 
 
-def check_datamodule(datamodule: Any, stage: str) -> None:
+def check_datamodule(datamodule: object, stage: str) -> None:
     """Check the splits a stage will read: a non-empty training set, readable 8-bit images.
 
     ``fit`` checks every split (a bad test image would otherwise stop the run after training).
@@ -160,6 +163,73 @@ def check_datamodule(datamodule: Any, stage: str) -> None:
     masks = [p for dataset in present.values() for p in _dataset_paths(dataset, "mask_path")]
     check_images(images, what=f"{'/'.join(present)} images of {source}")
     check_images(masks, what=f"masks of {source}")
+
+
+# ---------------------------------------------------------------------------------------- settings
+def check_hyperparameters(
+    stage1_epochs: int,
+    stage2_epochs: int,
+    learning_rate: float,
+    num_keys: int,
+    hkd_top_k: int,
+    distillation_loss: str,
+    anomaly_probability: float,
+    cache_budget_gb: float,
+) -> None:
+    """Refuse ``Aand`` arguments outside their ranges, saying which value is expected."""
+    rules = [  # (name, value, accepted, what is expected)
+        (
+            "stage1_epochs",
+            stage1_epochs,
+            isinstance(stage1_epochs, int) and stage1_epochs >= 0,
+            "must be an integer >= 0 (0 skips amplification; the paper uses 100)",
+        ),
+        (
+            "stage2_epochs",
+            stage2_epochs,
+            isinstance(stage2_epochs, int) and stage2_epochs >= 1,
+            "must be an integer >= 1 (the paper uses 120)",
+        ),
+        (
+            "learning_rate",
+            learning_rate,
+            isinstance(learning_rate, int | float) and math.isfinite(learning_rate) and learning_rate > 0,
+            "must be a positive number (the paper uses 0.005)",
+        ),
+        ("distillation_loss", distillation_loss, distillation_loss in {"hkd", "cosine"}, "must be 'hkd' or 'cosine'"),
+        ("num_keys", num_keys, num_keys >= 1, "must be at least 1 (the paper uses 50)"),
+        ("hkd_top_k", hkd_top_k, hkd_top_k >= 1, "must be at least 1 (the paper uses 10)"),
+        ("anomaly_probability", anomaly_probability, 0.0 <= anomaly_probability <= 1.0, "must lie in [0, 1]"),
+        (
+            "cache_budget_gb",
+            cache_budget_gb,
+            isinstance(cache_budget_gb, int | float) and math.isfinite(cache_budget_gb) and cache_budget_gb >= 0,
+            "must be a number of gigabytes >= 0",
+        ),
+    ]
+    for name, value, accepted, expected in rules:
+        if not accepted:
+            msg = f"{name} {expected}, got {value!r}."
+            raise ValueError(msg)
+
+
+def check_export_size(model: "AandModel", input_size: tuple[int, int] | None, top_k: int) -> None:
+    """Refuse an ONNX export of a model without a Resize in its pre-processor unless ``input_size`` suits it.
+
+    The ``AandModel`` knows the accepted sizes.
+    """
+    if input_size is None:
+        stride = model.stride
+        msg = (
+            "Dynamic input size needs a Resize in the pre-processor. This model's pre-processor has none, so "
+            f"the exported graph would see raw images, and backbone {model.backbone!r} with layers "
+            f"{model.layers} only takes heights and widths that are multiples of {stride} "
+            f"(e.g. {2 * stride}, {4 * stride}, 256). Export with a fixed size (`--input_size '[256,256]'`, "
+            "`input_size=(256, 256)`), or train with the default pre-processor (Resize + Normalize), whose "
+            "exported graph takes any image size."
+        )
+        raise ValueError(msg)
+    model.check_input_size(input_size, top_k)
 
 
 # ------------------------------------------------------------------------------------ checkpoints

