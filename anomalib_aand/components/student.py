@@ -14,9 +14,8 @@ from collections.abc import Sequence
 import torch
 from anomalib.models.components.backbone import get_decoder
 from anomalib.models.image.reverse_distillation.components import get_bottleneck_layer
+from timm.models import split_model_name_tag
 from torch import nn
-
-from .teacher import architecture_of
 
 RESNET_LAYERS = ("layer1", "layer2", "layer3")
 RESNET_DECODERS = frozenset(
@@ -131,7 +130,7 @@ class Decoder(nn.Module):
 
 def uses_resnet_student(backbone: str, layers: Sequence[str]) -> bool:
     """Whether anomalib's RD4AD bottleneck and ResNet decoder fit this teacher (a timm pretrained tag is ignored)."""
-    return architecture_of(backbone) in RESNET_DECODERS and tuple(layers) == RESNET_LAYERS
+    return split_model_name_tag(backbone)[0] in RESNET_DECODERS and tuple(layers) == RESNET_LAYERS
 
 
 def resnet_bottleneck(architecture: str) -> nn.Module:
@@ -148,6 +147,6 @@ def build_student(
 ) -> tuple[nn.Module, nn.Module]:
     """Return ``(bottleneck, decoder)`` for the teacher."""
     if uses_resnet_student(backbone, layers):
-        architecture = architecture_of(backbone)
+        architecture = split_model_name_tag(backbone)[0]
         return resnet_bottleneck(architecture), get_decoder(architecture)
     return Bottleneck(channels, reductions), Decoder(channels, reductions)
