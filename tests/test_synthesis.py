@@ -8,9 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 import yaml
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
 from PIL import Image
 from skimage import data as skdata
 
+from anomalib_aand import Aand
 from anomalib_aand.components.synthesis import AnomalySynthesizer, ForegroundEstimator, resolve_foreground_mask
 from anomalib_aand.components.textures import write_texture_bank
 
@@ -166,3 +169,20 @@ def test_procedural_source_blends_coloured_textures() -> None:
 
     assert colourfulness(None) < 0.02
     assert colourfulness("procedural") > 0.05
+
+
+def test_training_applies_the_per_category_choice(mvtec_root: Path, tmp_path: Path) -> None:
+    """With a list, the datamodule's category decides whether stage 1 masks its anomalies."""
+    model = Aand(
+        backbone="tf_efficientnet_lite0",
+        layers=("blocks.1", "blocks.2", "blocks.4"),
+        pre_trained=False,
+        stage1_epochs=1,
+        stage2_epochs=1,
+        foreground_mask=["toy", "bottle"],
+        pre_processor=Aand.configure_pre_processor(image_size=(64, 64)),
+        visualizer=False,
+    )
+    datamodule = MVTecAD(root=mvtec_root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    Engine(default_root_dir=tmp_path, logger=False, devices=1, accelerator="cpu").fit(model, datamodule=datamodule)
+    assert isinstance(model.synthesizer.foreground, ForegroundEstimator)
