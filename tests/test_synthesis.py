@@ -1,5 +1,7 @@
 """Stage-1 synthesis: anomalies where the mask says, in the pre-processor's normalised space."""
 
+import copy
+import gc
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -186,3 +188,13 @@ def test_training_applies_the_per_category_choice(mvtec_root: Path, tmp_path: Pa
     datamodule = MVTecAD(root=mvtec_root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
     Engine(default_root_dir=tmp_path, logger=False, devices=1, accelerator="cpu").fit(model, datamodule=datamodule)
     assert isinstance(model.synthesizer.foreground, ForegroundEstimator)
+
+
+def test_procedural_bank_is_removed_with_the_synthesizer() -> None:
+    synthesizer = AnomalySynthesizer(anomaly_source_path="procedural")
+    folder = Path(synthesizer.texture_bank)
+    assert len(list(folder.glob("*.png"))) > 0
+    copy.deepcopy(synthesizer)  # a model holding it can be copied
+    del synthesizer
+    gc.collect()
+    assert not folder.exists()
