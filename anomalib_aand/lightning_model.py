@@ -33,7 +33,7 @@ from .components.checks import (
 )
 from .components.feature_cache import Stage2Targets
 from .components.synthesis import AnomalySynthesizer
-from .components.teacher import load_teacher_weights
+from .components.teacher import load_teacher_weights, teacher_pre_processor
 from .loss import AmplificationLoss, DistillationLoss
 from .torch_model import AandModel
 from .workarounds import check_dataset_before_download, keep_trained_weights_on_retest, save_checkpoint_every_epoch
@@ -45,7 +45,8 @@ class Aand(AnomalibModule):
     """AAND: Anomaly Amplification (stage 1) and Normality Distillation (stage 2).
 
     Args:
-        backbone: timm CNN teacher (``features_only``); paper: ``wide_resnet50_2``.
+        backbone: timm CNN teacher (``features_only``), optionally with a timm pretrained tag that chooses its
+            weights; paper: ``wide_resnet50_2.tv_in1k`` (torchvision's weights; the bare name gets timm's default).
         layers: Teacher layers, shallow to deep.
         pre_trained: Load ImageNet weights into the teacher when training starts.
         backbone_weights: Local teacher weight file (timm or torchvision state dict), for machines
@@ -62,14 +63,19 @@ class Aand(AnomalibModule):
         hkd_top_k: Positions per image in the hard part of the HKD loss.
         distillation_loss: ``"hkd"`` (AAND) or ``"cosine"`` (RD4AD's plain loss, for ablations).
         anomaly_probability: Share of stage-1 images that get a synthetic anomaly.
-        anomaly_source_path: Folder of textures for the synthetic anomalies (paper: DTD); ``None``
-            blends Perlin noise.
-        foreground_mask: Keep synthetic anomalies on an automatic foreground mask.
+        anomaly_source_path: Folder of textures for the synthetic anomalies (paper: DTD); ``"procedural"``
+            generates a bank of textures when stage 1 starts; ``None`` blends Perlin noise.
+        foreground_mask: Keep synthetic anomalies (and the amplification loss's normal positions) on an automatic
+            foreground mask: ``True``, ``False``, or the categories to mask (the datamodule's ``category``
+            decides; others use the whole image).
         cache_features: In stage 2, compute the frozen amplified features of each training image once
             and train the student from that cache, when the training images are the same every epoch
             (checked); ``False`` recomputes them every step.
         cache_budget_gb: Host memory the stage-2 feature cache may take; above it stage 2 runs uncached.
-        pre_processor: anomalib pre-processor, or ``True`` for Resize(256) + ImageNet Normalize.
+        normalization: Mean/std of the default pre-processor: ``"imagenet"`` (anomalib's default) or
+            ``"teacher"`` (those the teacher's weights were trained with, timm's ``pretrained_cfg``).
+            A given pre-processor is used as it is.
+        pre_processor: anomalib pre-processor, or ``True`` for Resize(256) + Normalize (see ``normalization``).
         post_processor: anomalib post-processor, or ``True`` for the default.
         evaluator: anomalib evaluator, or ``True`` for image/pixel AUROC, F1 and AUPRO.
         visualizer: anomalib visualizer, or ``True`` for the default.
@@ -77,7 +83,7 @@ class Aand(AnomalibModule):
 
     def __init__(
         self,
-        backbone: str = "wide_resnet50_2",
+        backbone: str = "wide_resnet50_2.tv_in1k",
         layers: Sequence[str] = ("layer1", "layer2", "layer3"),
         pre_trained: bool = True,
         backbone_weights: str | None = None,
@@ -94,14 +100,17 @@ class Aand(AnomalibModule):
         distillation_loss: Literal["hkd", "cosine"] = "hkd",
         anomaly_probability: float = 0.8,
         anomaly_source_path: str | None = None,
-        foreground_mask: bool = False,
+        foreground_mask: bool | list[str] = False,
         cache_features: bool = True,
         cache_budget_gb: float = 4.0,
+        normalization: Literal["imagenet", "teacher"] = "imagenet",
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(backbone=backbone, normalization=normalization)
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -136,6 +145,16 @@ class Aand(AnomalibModule):
         }
         self.synthesizer: AnomalySynthesizer | None = None  # built when a stage-1 epoch starts: textures needed then
         self.stage2_targets = Stage2Targets(cache_features, cache_budget_gb)
+
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        backbone: str = "wide_resnet50_2.tv_in1k",
+        normalization: Literal["imagenet", "teacher"] = "imagenet",
+    ) -> PreProcessor:
+        """Resize (256 by default) + Normalize, as anomalib's default, with ImageNet's or the teacher's mean/std."""
+        return teacher_pre_processor(super().configure_pre_processor(image_size), backbone, normalization)
 
     @property
     def stage(self) -> int:
@@ -209,7 +228,9 @@ class Aand(AnomalibModule):
     def on_train_epoch_start(self) -> None:
         """Freeze what the current stage does not train, and say which stage runs."""
         if self.stage == 1 and self.synthesizer is None:
-            self.synthesizer = AnomalySynthesizer.for_pre_processor(self.pre_processor, **self.synthesizer_arguments)
+            self.synthesizer = AnomalySynthesizer.for_pre_processor(
+                self.pre_processor, self.trainer.datamodule, **self.synthesizer_arguments
+            )
             self.synthesizer.to(self.device)
         if self.model.raa is not None:
             self.model.raa.requires_grad_(self.stage == 1)

@@ -22,7 +22,7 @@ class AandModel(nn.Module):
     """Anomaly Amplification and Normality Distillation.
 
     Args:
-        backbone: timm CNN used as the frozen teacher.
+        backbone: timm CNN used as the frozen teacher (a pretrained tag is allowed; it does not change the model).
         layers: Teacher layers, shallow to deep.
         num_keys: ``M``, half the number of learnable keys of each residual gate.
         gate_temperature: Softmax temperature of the key matching.
@@ -32,7 +32,7 @@ class AandModel(nn.Module):
 
     def __init__(
         self,
-        backbone: str = "wide_resnet50_2",
+        backbone: str = "wide_resnet50_2.tv_in1k",
         layers: Sequence[str] = ("layer1", "layer2", "layer3"),
         num_keys: int = 50,
         gate_temperature: float = 0.2,

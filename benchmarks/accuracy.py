@@ -67,14 +67,25 @@ def _evaluator() -> Evaluator:
     )
 
 
-def build_model(name: str, image_size: int, stage1_epochs: int, stage2_epochs: int) -> AnomalibModule:
-    """One benchmark contestant, teacher weights loaded (offline), same pre-processing for all."""
+def build_model(
+    name: str, image_size: int, stage1_epochs: int, stage2_epochs: int, aand_args: dict | None = None
+) -> AnomalibModule:
+    """One benchmark contestant, teacher weights loaded (offline), same pre-processing for all.
+
+    ``aand_args`` are extra ``Aand`` arguments for the three AAND contestants (``normalization`` also sets
+    their pre-processor's Normalize).
+    """
     common = {
         "pre_processor": AnomalibModule.configure_pre_processor(image_size=(image_size, image_size)),
         "evaluator": _evaluator(),
         "visualizer": False,
     }
     aand = {"backbone": OFFLINE_BACKBONE, "layers": LAYERS, "pre_trained": True, "stage2_epochs": stage2_epochs}
+    aand.update(aand_args or {})
+    if name in {"aand", "rd", "hkd"} and "normalization" in aand:
+        common["pre_processor"] = Aand.configure_pre_processor(
+            (image_size, image_size), backbone=aand["backbone"], normalization=aand["normalization"]
+        )
     if name == "aand":
         return Aand(stage1_epochs=stage1_epochs, **aand, **common)
     if name == "rd":
@@ -122,7 +133,7 @@ def inference_ms(model: AnomalibModule, datamodule: MVTecAD, images: int = 20, w
 def run_one(name: str, category: str, args: argparse.Namespace) -> dict[str, float]:
     """Train and test one model on one category; return its metrics and timings."""
     seed_everything(args.seed, workers=True)
-    model = build_model(name, args.image_size, args.stage1_epochs, args.stage2_epochs)
+    model = build_model(name, args.image_size, args.stage1_epochs, args.stage2_epochs, json.loads(args.aand_args))
     datamodule = MVTecAD(
         root=args.data,
         category=category,
@@ -250,6 +261,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("results/benchmark"))
     parser.add_argument("--fresh", action="store_true", help="ignore results.json from an earlier run")
+    parser.add_argument(
+        "--aand-args",
+        default="{}",
+        help='extra Aand arguments (JSON) for the AAND contestants, e.g. \'{"normalization": "teacher"}\'',
+    )
     return parser.parse_args(argv)
 
 

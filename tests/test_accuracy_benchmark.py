@@ -76,3 +76,15 @@ def test_report_rows_means_and_resume(accuracy, tmp_path: Path) -> None:
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 10_000
     accuracy.main(argv, run=fake_run)  # finished runs are not repeated
     assert len(calls) == 4
+
+
+def test_aand_args_reach_the_aand_contestants_only(accuracy) -> None:
+    """--aand-args: extra Aand arguments; normalization also sets their pre-processor's Normalize."""
+    extra = {"normalization": "teacher", "anomaly_source_path": "procedural"}
+    aand, rd = (accuracy.build_model(n, 64, 1, 1, extra) for n in ("aand", "rd"))
+    patchcore = accuracy.build_model("patchcore", 64, 1, 1, extra)
+    for model in (aand, rd):
+        assert model.hparams.anomaly_source_path == "procedural"
+        normalize = model.pre_processor.transform.transforms[-1]
+        assert tuple(normalize.mean) == (0.5, 0.5, 0.5)
+    assert tuple(patchcore.pre_processor.transform.transforms[-1].mean) == (0.485, 0.456, 0.406)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+from timm.models import split_model_name_tag
 
 if TYPE_CHECKING:
     from anomalib_aand.torch_model import AandModel
@@ -256,6 +257,8 @@ def check_checkpoint_file(path: str | Path) -> None:
 def _shape_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """The hyper-parameters that decide the model's tensors."""
     settings = {key: hparams[key] for key in ("backbone", "layers", "num_keys") if key in hparams}
+    if isinstance(settings.get("backbone"), str):  # the tag only chose the initial weights, which the checkpoint holds
+        settings["backbone"] = split_model_name_tag(settings["backbone"])[0]
     if "layers" in settings:
         settings["layers"] = list(settings["layers"])
     if "stage1_epochs" in hparams:

@@ -1,7 +1,8 @@
 """Reverse-distillation student: One-Class Bottleneck Embedding (OCBE) and decoder.
 
 For ResNet teachers tapped at ``layer1..layer3`` the student is anomalib's own RD4AD bottleneck and
-ResNet decoder. For any other timm CNN the same shape is built from the teacher's ``feature_info``:
+ResNet decoder; Wide ResNets get the bottleneck at their own width (``width_per_group=128``, as RD4AD's
+and the AAND authors' ``BN_layer``). For any other timm CNN the same shape is built from the teacher's ``feature_info``:
 every scale is brought to the coarsest one with stride-2 convolutions, fused, and squeezed one
 stride further into the embedding; the decoder climbs back with transposed convolutions and
 returns one map per teacher scale, with the teacher's channels and resolution.
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from anomalib.models.components.backbone import get_decoder
 from anomalib.models.image.reverse_distillation.components import get_bottleneck_layer
+from timm.models import split_model_name_tag
 from torch import nn
 
 RESNET_LAYERS = ("layer1", "layer2", "layer3")
@@ -127,8 +129,14 @@ class Decoder(nn.Module):
 
 
 def uses_resnet_student(backbone: str, layers: Sequence[str]) -> bool:
-    """Whether anomalib's RD4AD bottleneck and ResNet decoder fit this teacher."""
-    return backbone in RESNET_DECODERS and tuple(layers) == RESNET_LAYERS
+    """Whether anomalib's RD4AD bottleneck and ResNet decoder fit this teacher (a timm pretrained tag is ignored)."""
+    return split_model_name_tag(backbone)[0] in RESNET_DECODERS and tuple(layers) == RESNET_LAYERS
+
+
+def resnet_bottleneck(architecture: str) -> nn.Module:
+    """The RD4AD bottleneck (anomalib's ``OCBE``); Wide ResNets at their width: ``width_per_group=128``, not 64."""
+    width = {"width_per_group": 128} if architecture.startswith("wide_resnet") else {}
+    return get_bottleneck_layer(architecture, **width)
 
 
 def build_student(
@@ -139,5 +147,6 @@ def build_student(
 ) -> tuple[nn.Module, nn.Module]:
     """Return ``(bottleneck, decoder)`` for the teacher."""
     if uses_resnet_student(backbone, layers):
-        return get_bottleneck_layer(backbone), get_decoder(backbone)
+        architecture = split_model_name_tag(backbone)[0]
+        return resnet_bottleneck(architecture), get_decoder(architecture)
     return Bottleneck(channels, reductions), Decoder(channels, reductions)

