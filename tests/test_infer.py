@@ -268,3 +268,13 @@ def test_exported_openvino_model_end_to_end(
         expected = float(exported[0](resize(pixels, [EXPORT_SIZE, EXPORT_SIZE], antialias=True)).pred_score)
     # The tool resizes in 8 bits (pixels within 1/255 of the float resize); measured up to 0.009 on this tiny model.
     assert abs(rows["photo.png"] - expected) < 0.02
+
+
+def test_unloadable_model_is_refused_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    images, out, model = tmp_path / "images", tmp_path / "out", tmp_path / "model.xml"
+    write_image(images / "a.png")
+    model.write_text("<not an OpenVINO model/>")
+    code = infer.main(["--model", str(model), "--images", str(images), "--out", str(out), "--progress", "never"])
+    assert code == infer.EXIT_NOT_RUN
+    assert "Cannot load the model" in capsys.readouterr().err
+    assert not out.exists()

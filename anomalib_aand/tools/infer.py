@@ -20,8 +20,8 @@ whatever the image size) and scored with anomalib's ``OpenVINOInferencer``. ``--
 lying under ``--images``.
 
 Exit codes: 0 every image scored; 1 some files were skipped (see errors.csv), the others are scored;
-2 nothing was run (bad arguments, missing model, no images, ``--out`` not empty); 3 inference itself
-failed (the model or device; the rows written before it are kept).
+2 nothing was run (bad arguments, missing or unloadable model, no images, ``--out`` not empty); 3 the run
+stopped: the model or device failed, or results could not be written (the rows written before are kept).
 
 OpenVINO keeps compiled models in ``./openvino_cache`` (anomalib's choice, in the working directory).
 """
@@ -68,7 +68,7 @@ class InferInputError(ValueError):
 
 
 class InferenceFailedError(RuntimeError):
-    """The model failed on a readable image (exit code 3)."""
+    """The model failed on a readable image, or its results could not be written (exit code 3)."""
 
 
 @dataclass
@@ -164,7 +164,7 @@ def overlay(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5) -> 
     return overlay_image(image, heat.resize(image.size, Image.BILINEAR), alpha=alpha).convert("RGB")
 
 
-def _prepare_out(out: Path) -> None:
+def _refuse_used_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         held = sorted(p.name for p in out.iterdir())[:5] if out.is_dir() else []
         msg = (
@@ -175,7 +175,6 @@ def _prepare_out(out: Path) -> None:
             else f"--out {str(out)!r} is a file, not a folder. Give a new or empty folder."
         )
         raise InferInputError(msg)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _save_atomically(image: Image.Image, path: Path) -> None:
@@ -213,14 +212,21 @@ def run(
             "--out and earlier results folders). Check --images."
         )
         raise InferInputError(msg)
-    _prepare_out(out)
-    predictor = load_inferencer(model, device, precision) if isinstance(model, str | Path) else model
+    _refuse_used_out(out)
+    try:
+        predictor = load_inferencer(model, device, precision) if isinstance(model, str | Path) else model
+    except InferInputError:
+        raise
+    except Exception as error:  # OpenVINO raises RuntimeError for files it cannot read or compile
+        msg = f"Cannot load the model {str(model)!r} ({type(error).__name__}: {error}). Pass an exported model.xml."
+        raise InferInputError(msg) from error
     if input_size is None and isinstance(predictor, OpenVINOInferencer):
         input_size = model_input_size(predictor)
     if input_size is None:
         msg = "Cannot tell the model's input size from the model; pass --input-size HEIGHT WIDTH."
         raise InferInputError(msg)
     result = RunResult(out=out)
+    out.mkdir(parents=True, exist_ok=True)
     with (out / SCORES).open("w", newline="") as scores, (out / ERRORS).open("w", newline="") as errors:
         score_writer, error_writer = csv.writer(scores), csv.writer(errors)
         for file, header in ((scores, ("image", "score", "label")), (errors, ("image", "error"))):
@@ -246,9 +252,13 @@ def run(
                 )
                 raise InferenceFailedError(msg) from error
             score, label = _first(prediction.pred_score), bool(_first(prediction.pred_label))
-            _save_atomically(overlay(display, np.asarray(prediction.anomaly_map)[0]), overlay_path(out, relative))
-            score_writer.writerow((str(relative), f"{score:.6f}", int(label)))
-            scores.flush()
+            try:
+                _save_atomically(overlay(display, np.asarray(prediction.anomaly_map)[0]), overlay_path(out, relative))
+                score_writer.writerow((str(relative), f"{score:.6f}", int(label)))
+                scores.flush()
+            except OSError as error:  # disk full, folder removed, permissions
+                msg = f"Cannot write the results of {path} into {out} ({type(error).__name__}: {error})."
+                raise InferenceFailedError(msg) from error
             result.rows.append((str(relative), score, label))
     return result
 
@@ -258,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Exit codes: 0 all images scored; 1 some files skipped (named in errors.csv); 2 nothing run "
-        "(bad arguments, no images, --out not empty); 3 inference failed.",
+        "(bad arguments, unloadable model, no images, --out not empty); 3 the run stopped (model, device or "
+        "writing failed; earlier rows are kept).",
     )
     parser.add_argument("--model", required=True, help="exported model: model.xml (OpenVINO IR) or model.onnx")
     parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
