@@ -2,6 +2,7 @@
 
 from .lightning_model import Aand
 from .torch_model import AandModel
+from .workarounds import allow_non_ascii_paths
 
 __all__ = ["Aand", "AandModel", "register"]
 
@@ -20,3 +21,4 @@ def register() -> None:
 
 
 register()
+allow_non_ascii_paths()

@@ -30,6 +30,7 @@ from .components.checks import (
     check_export_size,
     check_finite_losses,
     check_hyperparameters,
+    saved_checkpoints,
 )
 from .components.feature_cache import Stage2Targets
 from .components.synthesis import AnomalySynthesizer
@@ -117,16 +118,7 @@ class Aand(AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        check_hyperparameters(
-            stage1_epochs,
-            stage2_epochs,
-            learning_rate,
-            num_keys,
-            hkd_top_k,
-            distillation_loss,
-            anomaly_probability,
-            cache_budget_gb,
-        )
+        check_hyperparameters(self.hparams)
         self.automatic_optimization = False
         self.stage1_epochs, self.stage2_epochs, self.learning_rate = stage1_epochs, stage2_epochs, learning_rate
         self.model = AandModel(backbone, layers, num_keys, gate_temperature, amplification=stage1_epochs > 0)
@@ -188,7 +180,9 @@ class Aand(AnomalibModule):
         else:
             targets = self.stage2_targets(batch.image, batch.image_path, self.model.amplified_features)
             losses = {"loss": self.distillation_loss(targets, self.model.distill(targets))}
-        check_finite_losses(losses, stage, self.current_epoch, self.global_step, self.learning_rate)
+        check_finite_losses(
+            losses, stage, self.current_epoch, self.global_step, self.learning_rate, saved_checkpoints(self.trainer)
+        )
         optimizer = self.optimizers()[stage - 1]
         optimizer.zero_grad()
         self.manual_backward(losses["loss"])

@@ -1,19 +1,21 @@
 """Workarounds of anomalib and Lightning behaviour that AAND's two-stage training runs into.
 
-Each is one function, called in one line from a hook of ``Aand``; its docstring names the upstream
+Each is one function, called in one line from a hook of ``Aand`` (``allow_non_ascii_paths``: when the
+package is imported, as datamodules are set up before any hook runs); its docstring names the upstream
 behaviour and the versions it was seen in (anomalib 2.7.0, lightning 2.6.6). Remove a function when
 the versions the package supports no longer behave that way.
 """
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
-from .components.checks import check_dataset_folder
+from .components.checks import check_dataset_folder, check_masks_present
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +67,35 @@ def keep_trained_weights_on_retest(
 
 
 def check_dataset_before_download(trainer: Trainer | None) -> None:
-    """Refuse a mistyped dataset folder before anomalib downloads a dataset into it.
+    """Refuse a mistyped dataset folder before anomalib downloads a dataset into it, and unpaired masks.
 
     anomalib 2.7.0's datamodules (MVTecAD, Visa, ...) download their dataset in ``prepare_data`` when the
     category folder is missing, so a typo in ``--data.root``/``--data.category`` starts a multi-GB download.
     ``configure_callbacks`` is the first module hook lightning 2.6.6 calls with the datamodule attached and
-    before ``prepare_data``: the check runs there (``check_dataset_folder``).
+    before ``prepare_data``: the check runs there (``check_dataset_folder``). So does ``check_masks_present``:
+    the datamodule's ``setup``, which lightning runs before the module's ``setup`` hook, pairs masks with
+    defective images (MVTecAD, Folder) and fails with a pandas/numpy error naming no file when one is missing.
     """
     if trainer is not None and trainer.datamodule is not None:
         check_dataset_folder(trainer.datamodule)
+        check_masks_present(trainer.datamodule)
+
+
+def _contains_non_printable_characters(path: str | Path) -> bool:
+    """True when ``path`` holds a character that is not printable (control characters, invisible separators)."""
+    return not str(path).isprintable()
+
+
+def allow_non_ascii_paths() -> None:
+    """Let dataset paths hold non-ASCII letters (``données/``, ``検査/``).
+
+    anomalib 2.7.0's ``validate_path`` (``anomalib.data.utils.path``), which MVTecAD, Folder and other
+    datasets call on their folders in ``setup``, refuses every path outside printable ASCII
+    (characters 0x20 to 0x7E) as "Path contains non-printable characters". This replaces the module's
+    ``contains_non_printable_characters`` with one that refuses only what is not printable
+    (``str.isprintable``: a newline, NUL or other control character stays refused).
+    """
+    from anomalib.data.utils import path
+
+    if hasattr(path, "contains_non_printable_characters"):
+        path.contains_non_printable_characters = _contains_non_printable_characters

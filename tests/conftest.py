@@ -1,11 +1,18 @@
-"""Shared fixtures: a tiny MVTec-layout dataset generated on the fly."""
+"""Shared fixtures: a tiny MVTec-layout dataset generated on the fly, and one small model exported from it."""
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
+
+if TYPE_CHECKING:
+    from anomalib_aand import Aand
+
+EXPORT_SIZE = 64
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -46,3 +53,41 @@ def mvtec_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("mvtec")
     make_mvtec_dataset(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def exported(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple["Aand", Path]:
+    """Torch model loaded from the checkpoint, and the ONNX file ``Engine.export`` wrote from it.
+
+    A random ResNet-18 teacher, 64 px (Resize in the pre-processor), one epoch per stage: trained and
+    exported once per session, shared by the export and inference-tool tests.
+    """
+    from anomalib.data import MVTecAD
+    from anomalib.deploy import ExportType
+    from anomalib.engine import Engine
+    from anomalib.pre_processing import PreProcessor
+    from lightning import seed_everything
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    from anomalib_aand import Aand
+
+    root = tmp_path_factory.mktemp("export")
+    seed_everything(0)
+    datamodule = MVTecAD(root=mvtec_root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    pre_processor = PreProcessor(transform=Compose([Resize((EXPORT_SIZE, EXPORT_SIZE)), Normalize(*IMAGENET)]))
+    model = Aand(backbone="resnet18", pre_trained=False, stage1_epochs=1, stage2_epochs=1, pre_processor=pre_processor)
+    engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu", devices=1)
+    engine.fit(model, datamodule=datamodule)
+    checkpoint = engine.trainer.checkpoint_callback.best_model_path
+    onnx_path = engine.export(Aand(backbone="resnet18"), ExportType.ONNX, export_root=root, ckpt_path=checkpoint)
+    return Aand.load_from_checkpoint(checkpoint, map_location="cpu").eval(), Path(onnx_path)
+
+
+@pytest.fixture(scope="session")
+def openvino_ir(exported: tuple["Aand", Path]) -> Path:
+    """The exported ONNX file as an FP32 OpenVINO IR, converted with the call anomalib's OpenVINO export makes."""
+    import openvino as ov
+
+    xml = exported[1].parent / "openvino" / "model.xml"
+    ov.save_model(ov.convert_model(exported[1]), xml, compress_to_fp16=False)  # as anomalib's FP32 export
+    return xml

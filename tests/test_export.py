@@ -1,8 +1,9 @@
 """Export through anomalib: ONNX Runtime and OpenVINO give the torch model's scores, maps and labels.
 
-One small model (random ResNet-18 teacher, 64 px, one epoch per stage) is trained and exported once
-with ``Engine.export`` from its checkpoint; the OpenVINO IR is converted from that ONNX file with the
-call anomalib's OpenVINO export makes (``openvino.convert_model``), which spares a second trace.
+One small model (random ResNet-18 teacher, 64 px, one epoch per stage) is trained and exported once per
+session with ``Engine.export`` from its checkpoint (conftest's ``exported``); the OpenVINO IR is converted
+from that ONNX file with the call anomalib's OpenVINO export makes (``openvino.convert_model``), which
+spares a second trace.
 """
 
 from pathlib import Path
@@ -10,43 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from anomalib.data import MVTecAD
 from anomalib.data.utils import read_image
-from anomalib.deploy import ExportType
-from anomalib.engine import Engine
 from anomalib.pre_processing import PreProcessor
-from conftest import make_mvtec_dataset
-from lightning import seed_everything
+from conftest import EXPORT_SIZE as SIZE
+from conftest import IMAGENET, make_mvtec_dataset
 from PIL import Image
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_aand import Aand
 from anomalib_aand.tools import infer
 
-SIZE = 64
 TOLERANCE = 1e-3
-IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
 def _pre_processor(resize: bool = True) -> PreProcessor:
     normalize = Normalize(*IMAGENET)
     return PreProcessor(transform=Compose([Resize((SIZE, SIZE)), normalize]) if resize else normalize)
-
-
-@pytest.fixture(scope="module")
-def exported(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Aand, Path]:
-    """Torch model loaded from the checkpoint, and the ONNX file ``Engine.export`` wrote from it."""
-    root = tmp_path_factory.mktemp("export")
-    seed_everything(0)
-    datamodule = MVTecAD(root=mvtec_root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
-    model = Aand(
-        backbone="resnet18", pre_trained=False, stage1_epochs=1, stage2_epochs=1, pre_processor=_pre_processor()
-    )
-    engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu", devices=1)
-    engine.fit(model, datamodule=datamodule)
-    checkpoint = engine.trainer.checkpoint_callback.best_model_path
-    onnx_path = engine.export(Aand(backbone="resnet18"), ExportType.ONNX, export_root=root, ckpt_path=checkpoint)
-    return Aand.load_from_checkpoint(checkpoint, map_location="cpu").eval(), Path(onnx_path)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +76,7 @@ def test_onnx_runtime_matches_torch(exported: tuple[Aand, Path], images: torch.T
 
 def test_openvino_inferencer_matches_torch(
     exported: tuple[Aand, Path],
+    openvino_ir: Path,
     images: torch.Tensor,
     unseen: Path,
     tmp_path: Path,
@@ -103,14 +84,11 @@ def test_openvino_inferencer_matches_torch(
 ) -> None:
     """OpenVINOInferencer in f32 (the default on bf16 CPUs is bf16) gives torch's scores, maps and labels;
     so does the edge script ``anomalib_aand.tools.infer``, which also writes one overlay per image."""
-    import openvino as ov
     from anomalib.deploy import OpenVINOInferencer
 
     monkeypatch.chdir(tmp_path)  # OpenVINOInferencer writes ./openvino_cache
-    model, onnx_path = exported
-    xml = tmp_path / "model.xml"
-    ov.save_model(ov.convert_model(onnx_path), xml, compress_to_fp16=False)  # as anomalib's FP32 export
-    inferencer = OpenVINOInferencer(path=xml, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
+    model = exported[0]
+    inferencer = OpenVINOInferencer(path=openvino_ir, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
     predictions = [inferencer.predict(image) for image in images]
     _assert_parity(
         _torch_predictions(model, images),
@@ -120,13 +98,13 @@ def test_openvino_inferencer_matches_torch(
     )
     assert (tmp_path / "openvino_cache").is_dir()
 
-    rows = infer.run(xml, unseen, tmp_path / "out")
+    rows = infer.run(openvino_ir, unseen, tmp_path / "out").rows
     expected = _torch_predictions(model, images)
     np.testing.assert_allclose(
         [score for _, score, _ in rows], expected["pred_score"].reshape(-1), atol=TOLERANCE, rtol=0
     )
     assert [label for _, _, label in rows] == expected["pred_label"].reshape(-1).tolist()
-    overlays = sorted((tmp_path / "out").glob("*_overlay.png"))
+    overlays = sorted((tmp_path / "out" / "overlays").rglob("*_overlay.png"))
     assert len(overlays) == len(images)
     assert Image.open(overlays[0]).size == (SIZE, SIZE)
     assert len((tmp_path / "out" / "scores.csv").read_text().splitlines()) == len(images) + 1

@@ -110,7 +110,7 @@ def copy_dataset(root: Path, target: Path) -> Path:
         ({"stage1_epochs": -1}, "stage1_epochs must be an integer >= 0"),
         ({"stage2_epochs": 0}, "stage2_epochs must be an integer >= 1"),
         ({"stage2_epochs": -3}, "stage2_epochs must be an integer >= 1"),
-        ({"num_keys": 0}, "num_keys must be at least 1"),
+        ({"num_keys": 0}, "num_keys must be an integer >= 1"),
         ({"hkd_top_k": 5}, "hkd_top_k=5 exceeds the 4 positions"),
         ({"pre_processor": Aand.configure_pre_processor((40, 40))}, "must be multiples of 32, e.g. \\[32, 64"),
         ({"pre_processor": Aand.configure_pre_processor((32, 48))}, "must be multiples of 32"),

@@ -9,14 +9,18 @@ import logging
 import math
 import os
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from anomalib.data import AnomalibDataModule, Folder, MVTecAD
+from lightning.pytorch import Trainer
 from PIL import Image
 from timm.models import split_model_name_tag
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 if TYPE_CHECKING:
     from anomalib_aand.torch_model import AandModel
@@ -79,31 +83,111 @@ def check_dataset_folder(datamodule: object) -> None:
     )
 
 
-def _inspect_image(path: str) -> tuple[str, str | None]:
-    """``(PIL mode, error)`` after decoding the whole file, as anomalib will when it reads it."""
+MVTEC_EXTENSIONS = (".png", ".PNG")  # anomalib 2.7's MVTecAD reads only these
+
+
+def _files(folder: Path, pattern: str, suffixes: tuple[str, ...], *, lower: bool) -> list[Path]:
+    return sorted(
+        p for p in folder.glob(pattern) if p.is_file() and (p.suffix.lower() if lower else p.suffix) in suffixes
+    )
+
+
+def _mask_keys(mask: Path) -> set[str]:
+    return {mask.stem, mask.stem.removesuffix("_mask")}
+
+
+def _mask_pairs(datamodule: AnomalibDataModule) -> tuple[list[Path], list[Path], str] | None:
+    """Defective test images, masks and the expected mask name, as anomalib lists them; None if no masks apply.
+
+    MVTecAD keeps a mask folder per defect (``ground_truth/<defect>/``), Folder one or more mask folders.
+    """
+    if isinstance(datamodule, MVTecAD):
+        base = Path(datamodule.root) / datamodule.category
+        images = [p for p in _files(base / "test", "*/*", MVTEC_EXTENSIONS, lower=False) if p.parent.name != "good"]
+        masks = _files(base / "ground_truth", "*/*", MVTEC_EXTENSIONS, lower=False)
+        return images, masks, "ground_truth/<defect>/<image name>_mask.png"
+    if isinstance(datamodule, Folder) and datamodule.abnormal_dir and datamodule.mask_dir:
+        root = Path(datamodule.root) if datamodule.root is not None else Path()
+        suffixes = tuple(e.lower() for e in (datamodule.extensions or IMG_EXTENSIONS))
+
+        def listed(folders: str | Path | Sequence[str | Path]) -> list[Path]:
+            folders = [folders] if isinstance(folders, str | Path) else folders
+            return sorted(f for folder in folders for f in _files(root / folder, "**/*", suffixes, lower=True))
+
+        return (
+            listed(datamodule.abnormal_dir),
+            listed(datamodule.mask_dir),
+            "<image name>.png or <image name>_mask.png in mask_dir",
+        )
+    return None
+
+
+def check_masks_present(datamodule: AnomalibDataModule) -> None:
+    """Refuse defective test images without a mask, and masks without an image (MVTecAD, Folder).
+
+    anomalib 2.7 pairs the sorted masks with the sorted defective images one to one in
+    ``make_mvtec_ad_dataset``/``make_folder_dataset``, which the datamodule's ``setup`` calls before the
+    model's ``setup`` hook; when the counts differ it stops with a pandas or numpy error ("Must have equal
+    len keys and value when setting with an iterable", "NumPy boolean array indexing assignment cannot
+    assign 3 input values to the 4 output values") that names no file. Run this first.
+    """
+    pairs = _mask_pairs(datamodule)
+    if pairs is None:
+        return
+    images, masks, expected = pairs
+    if len(images) == len(masks):
+        return  # anomalib pairs them and checks the names itself
+    per_defect = expected.startswith("ground_truth")  # MVTecAD: a mask lies in its image's defect folder
+
+    def key(path: Path, stem: str) -> tuple[str, str]:
+        return (path.parent.name if per_defect else "", stem)
+
+    mask_keys = {key(m, k) for m in masks for k in _mask_keys(m)}
+    image_keys = {key(i, i.stem) for i in images}
+    unmasked = [str(i) for i in images if key(i, i.stem) not in mask_keys]
+    orphans = [str(m) for m in masks if not {key(m, k) for k in _mask_keys(m)} & image_keys]
+    problems = [f"{_describe(datamodule)} has {len(images)} defective test images but {len(masks)} masks."]
+    if unmasked:
+        problems.append(
+            f"{len(unmasked)} defective test image(s) have no mask (expected {expected}):{_listing(unmasked)}\n"
+            "Add their masks, or move these images out of the test set."
+        )
+    if orphans:
+        problems.append(
+            f"{len(orphans)} mask(s) belong to no defective test image:{_listing(orphans)}\n"
+            "Remove them, or add their images."
+        )
+    if not unmasked and not orphans:
+        problems.append("Give every defective image exactly one mask named after it (image 000.png: mask 000.png).")
+    raise AandInputError("\n".join(problems))
+
+
+def _inspect_image(path: str) -> tuple[str, str | None, tuple[int, int]]:
+    """``(PIL mode, error, (width, height))`` after decoding the whole file, as anomalib will when it reads it."""
     try:
         with Image.open(path) as image:
             image.load()
             transparent = image.mode == "P" and "transparency" in image.info
-            return ("PA" if transparent else image.mode), None
+            return ("PA" if transparent else image.mode), None, image.size
     except Exception as error:  # noqa: BLE001  PIL raises many types for unreadable files
-        return "", f"{type(error).__name__}: {error}"
+        return "", f"{type(error).__name__}: {error}", (0, 0)
 
 
-def check_images(paths: Iterable[str | Path], what: str = "images") -> None:
+def check_images(paths: Iterable[str | Path], what: str = "images") -> dict[str, tuple[int, int]]:
     """Decode every file once; refuse unreadable and high-bit-depth files, warn about transparency.
 
     Grayscale images are fine (anomalib repeats the channel). 16-bit and float images would be
     clipped to 8 bits by anomalib's reader, so they raise; alpha channels are dropped (warning).
+    Returns each file's (width, height).
     """
     files = sorted({str(p) for p in paths if isinstance(p, str | Path) and str(p) not in {"", "nan"}})
     if not files:
-        return
+        return {}
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         results = list(pool.map(_inspect_image, files))
-    unreadable = [f"{path} ({error})" for path, (_, error) in zip(files, results, strict=True) if error]
-    deep = [f"{path} (mode {mode})" for path, (mode, _) in zip(files, results, strict=True) if mode in DEEP_MODES]
-    alpha = [path for path, (mode, _) in zip(files, results, strict=True) if mode in ALPHA_MODES]
+    unreadable = [f"{path} ({error})" for path, (_, error, _) in zip(files, results, strict=True) if error]
+    deep = [f"{path} (mode {mode})" for path, (mode, _, _) in zip(files, results, strict=True) if mode in DEEP_MODES]
+    alpha = [path for path, (mode, _, _) in zip(files, results, strict=True) if mode in ALPHA_MODES]
     problems = []
     if unreadable:
         problems.append(
@@ -127,6 +211,7 @@ def check_images(paths: Iterable[str | Path], what: str = "images") -> None:
             what,
             _listing(alpha),
         )
+    return {path: size for path, (_, _, size) in zip(files, results, strict=True)}
 
 
 def _dataset_paths(dataset: object, column: str) -> list[str]:
@@ -162,56 +247,118 @@ def check_datamodule(datamodule: object, stage: str) -> None:
     source = _describe(datamodule)
     images = [p for dataset in present.values() for p in _dataset_paths(dataset, "image_path")]
     masks = [p for dataset in present.values() for p in _dataset_paths(dataset, "mask_path")]
-    check_images(images, what=f"{'/'.join(present)} images of {source}")
-    check_images(masks, what=f"masks of {source}")
+    sizes = check_images(images, what=f"{'/'.join(present)} images of {source}")
+    sizes |= check_images(masks, what=f"masks of {source}")
+    check_mask_sizes([pair for dataset in present.values() for pair in _mask_pairs_of(dataset)], sizes, source)
 
 
-# ---------------------------------------------------------------------------------------- settings
-def check_hyperparameters(
-    stage1_epochs: int,
-    stage2_epochs: int,
-    learning_rate: float,
-    num_keys: int,
-    hkd_top_k: int,
-    distillation_loss: str,
-    anomaly_probability: float,
-    cache_budget_gb: float,
-) -> None:
-    """Refuse ``Aand`` arguments outside their ranges, saying which value is expected."""
-    rules = [  # (name, value, accepted, what is expected)
-        (
-            "stage1_epochs",
-            stage1_epochs,
-            isinstance(stage1_epochs, int) and stage1_epochs >= 0,
-            "must be an integer >= 0 (0 skips amplification; the paper uses 100)",
-        ),
-        (
-            "stage2_epochs",
-            stage2_epochs,
-            isinstance(stage2_epochs, int) and stage2_epochs >= 1,
-            "must be an integer >= 1 (the paper uses 120)",
-        ),
-        (
-            "learning_rate",
-            learning_rate,
-            isinstance(learning_rate, int | float) and math.isfinite(learning_rate) and learning_rate > 0,
-            "must be a positive number (the paper uses 0.005)",
-        ),
-        ("distillation_loss", distillation_loss, distillation_loss in {"hkd", "cosine"}, "must be 'hkd' or 'cosine'"),
-        ("num_keys", num_keys, num_keys >= 1, "must be at least 1 (the paper uses 50)"),
-        ("hkd_top_k", hkd_top_k, hkd_top_k >= 1, "must be at least 1 (the paper uses 10)"),
-        ("anomaly_probability", anomaly_probability, 0.0 <= anomaly_probability <= 1.0, "must lie in [0, 1]"),
-        (
-            "cache_budget_gb",
-            cache_budget_gb,
-            isinstance(cache_budget_gb, int | float) and math.isfinite(cache_budget_gb) and cache_budget_gb >= 0,
-            "must be a number of gigabytes >= 0",
-        ),
+def _mask_pairs_of(dataset: object) -> list[tuple[str, str]]:
+    samples = getattr(dataset, "samples", None)
+    if samples is None or not {"image_path", "mask_path"} <= set(getattr(samples, "columns", ())):
+        return []
+    return [
+        (image, mask)
+        for image, mask in zip(samples["image_path"].tolist(), samples["mask_path"].tolist(), strict=True)
+        if isinstance(image, str) and isinstance(mask, str) and mask not in {"", "nan"}
     ]
-    for name, value, accepted, expected in rules:
-        if not accepted:
-            msg = f"{name} {expected}, got {value!r}."
-            raise ValueError(msg)
+
+
+def check_mask_sizes(pairs: Iterable[tuple[str, str]], sizes: Mapping[str, tuple[int, int]], source: str) -> None:
+    """Refuse masks of another size than their image.
+
+    anomalib would stretch them silently, and pixel AUROC and AUPRO would be computed against misplaced
+    defects. ``sizes``: (width, height) per file.
+    """
+    wrong = sorted(
+        {
+            f"{image} is {sizes[image][0]}x{sizes[image][1]}, its mask {mask} is {sizes[mask][0]}x{sizes[mask][1]}"
+            for image, mask in pairs
+            if image in sizes and mask in sizes and sizes[image] != sizes[mask]
+        }
+    )
+    if wrong:
+        msg = (
+            f"{len(wrong)} mask(s) of {source} do not have the size of their image (width x height):"
+            f"{_listing(wrong)}\nEach mask must have its image's size: redraw or resize these masks "
+            "(nearest-neighbour, so that they stay binary)."
+        )
+        raise AandInputError(msg)
+
+
+# --------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class _Range:
+    """Valid values of one hyper-parameter: an integer or a finite number, bounds, and the paper's value."""
+
+    paper: float | None
+    low: float
+    high: float = math.inf
+    integer: bool = False
+    open_low: bool = False
+    note: str = ""
+
+    def holds(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        return (value > self.low if self.open_low else value >= self.low) and value <= self.high
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        bounds = (
+            f"in [{self.low:g}, {self.high:g}]"
+            if self.high < math.inf
+            else f"{'>' if self.open_low else '>='} {self.low:g}"
+        )
+        details = "; ".join(filter(None, [self.note, None if self.paper is None else f"the paper uses {self.paper}"]))
+        return f"{kind} {bounds} ({details})"
+
+
+SETTINGS = {
+    "stage1_epochs": _Range(100, 0, integer=True, note="0 skips amplification"),
+    "stage2_epochs": _Range(120, 1, integer=True),
+    "learning_rate": _Range(0.005, 0, open_low=True),
+    "num_keys": _Range(50, 1, integer=True),
+    "gate_temperature": _Range(0.2, 0, open_low=True),
+    "focal_alpha": _Range(0.8, 0, 1),
+    "focal_gamma": _Range(2.0, 0),
+    "amplification_weight": _Range(0.1, 0),
+    "amplification_margin": _Range(0.3, 0),
+    "hkd_top_k": _Range(10, 1, integer=True),
+    "anomaly_probability": _Range(0.8, 0, 1),
+    "cache_budget_gb": _Range(None, 0, note="gigabytes of host memory; not a setting of the paper, default 4"),
+}
+
+
+def check_hyperparameters(hparams: Mapping[str, Any]) -> None:
+    """Refuse ``Aand`` arguments outside their valid range, naming the range and the paper's value.
+
+    Warns about settings that make part of the training do nothing.
+    """
+    for name, valid in SETTINGS.items():
+        if name in hparams and not valid.holds(hparams[name]):
+            msg = f"{name} must be {valid.describe()}, got {hparams[name]!r}."
+            raise AandInputError(msg)
+    if hparams.get("distillation_loss", "hkd") not in {"hkd", "cosine"}:
+        msg = (
+            f"distillation_loss must be 'hkd' or 'cosine' (the paper uses 'hkd'), got {hparams['distillation_loss']!r}."
+        )
+        raise AandInputError(msg)
+    stage1_epochs = hparams.get("stage1_epochs", 0)
+    if stage1_epochs > 0 and hparams.get("anomaly_probability") == 0:
+        logger.warning(
+            "anomaly_probability=0: no stage-1 image gets a synthetic anomaly, so the gate and the amplification "
+            "loss never see an anomalous position and the %d stage-1 epochs learn nothing. Set it above 0 (the "
+            "paper uses 0.8), or stage1_epochs=0 to skip stage 1.",
+            stage1_epochs,
+        )
+    if stage1_epochs == 0 and hparams.get("anomaly_source_path") is not None:
+        logger.warning(
+            "anomaly_source_path %r is not used: stage1_epochs=0 skips anomaly amplification, the only stage that "
+            "synthesises anomalies. Set stage1_epochs > 0 (the paper uses 100) to use the textures.",
+            hparams["anomaly_source_path"],
+        )
 
 
 def check_export_size(model: "AandModel", input_size: tuple[int, int] | None, top_k: int) -> None:
@@ -309,23 +456,40 @@ def check_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------- losses
+def saved_checkpoints(trainer: Trainer) -> list[str]:
+    """Checkpoint paths the trainer's checkpoint callbacks have written so far (last, then best)."""
+    paths = []
+    for callback in trainer.checkpoint_callbacks:
+        paths += [getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")]
+    return [path for path in paths if path]
+
+
 def check_finite_losses(
     losses: Mapping[str, torch.Tensor],
     stage: int,
     epoch: int,
     step: int,
     learning_rate: float,
+    checkpoints: Sequence[str | Path] = (),
 ) -> None:
-    """Stop training with a clear message when a loss term is NaN or infinite."""
+    """Stop training with a clear message when a loss term is NaN or infinite.
+
+    ``checkpoints``: paths the run has saved; the message says one is intact only if it is on disk.
+    """
     total = losses["loss"]
     if bool(torch.isfinite(total)):
         return
     values = {name: float(value.detach()) for name, value in losses.items()}
     bad = [name for name, value in values.items() if not math.isfinite(value) and name != "loss"] or ["loss"]
+    saved = next((str(path) for path in checkpoints if Path(path).is_file()), None)
+    kept = (
+        f"the last saved checkpoint ({saved}) is intact: resume from it with --ckpt_path, or start again"
+        if saved
+        else "no checkpoint has been saved yet in this run, so start again"
+    )
     msg = (
         f"AAND stage {stage}: the loss term(s) {bad} became non-finite at epoch {epoch}, optimiser step {step} "
-        f"(values {values}). Training stops here instead of producing a NaN model; the last saved checkpoint "
-        f"(model.ckpt of the last finished epoch) is intact. Lower the learning rate (now {learning_rate}), check "
-        "the images for NaN/Inf values, and resume with --ckpt_path or start again."
+        f"(values {values}). Training stops here instead of producing a NaN model; {kept} after lowering the "
+        f"learning rate (now {learning_rate}) and checking the images for NaN/Inf values."
     )
     raise FloatingPointError(msg)

@@ -12,16 +12,22 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 
-def positional_encoding_2d(channels: int, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
-    """Fixed 2-D sine/cosine positional encoding of shape ``(1, channels, height, width)``.
+def positional_encoding_2d(
+    channels: int,
+    height: int,
+    width: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Fixed 2-D sine/cosine positional encoding of shape ``(1, channels, height, width)`` and ``dtype``.
 
     Half of the channels encode x, half encode y (base 10^4). Channels beyond the largest multiple of
-    four stay zero, so any channel count works.
+    four stay zero, so any channel count works. Computed in float32 (the angles need it), then cast.
     """
     usable = channels - channels % 4
     encoding = torch.zeros(1, channels, height, width, device=device)
     if usable == 0:
-        return encoding
+        return encoding.to(dtype)
     half = usable // 2
     div_term = torch.exp(torch.arange(0, half, 2, device=device, dtype=torch.float32) * (-math.log(1e4) / half))
     pos_x = torch.arange(width, device=device, dtype=torch.float32)[:, None] * div_term  # (W, half/2)
@@ -34,7 +40,7 @@ def positional_encoding_2d(channels: int, height: int, width: int, device: torch
     encoding[0, 1:half:2] = cos_x
     encoding[0, half:usable:2] = sin_y
     encoding[0, half + 1 : usable : 2] = cos_y
-    return encoding
+    return encoding.to(dtype)
 
 
 def _pointwise_mlp(channels: int, hidden: int) -> nn.Sequential:
@@ -68,7 +74,7 @@ class ResidualAnomalyAmplification(nn.Module):
     def gate(self, features: torch.Tensor) -> torch.Tensor:
         """Matching-guided residual gate: probability mass on the anomaly keys, ``(B, 1, H, W)`` in [0, 1]."""
         _, channels, height, width = features.shape
-        query = self.query(features + positional_encoding_2d(channels, height, width, features.device))
+        query = self.query(features + positional_encoding_2d(channels, height, width, features.device, features.dtype))
         keys = F.normalize(self.keys, dim=1)[:, :, None, None]
         similarity = F.conv2d(F.normalize(query, dim=1), keys)  # (B, 2M, H, W) cosine similarities
         attention = torch.softmax(similarity / self.temperature, dim=1)
