@@ -44,9 +44,8 @@ def test_ablations_are_configured_as_the_paper_says(accuracy) -> None:
 def test_report_rows_means_and_resume(accuracy, tmp_path: Path) -> None:
     calls = []
 
-    def fake_run(name: str, category: str, args) -> dict[str, float]:
-        del args
-        calls.append((name, category))
+    def fake_run(name: str, category: str, seed: int, args) -> dict[str, float]:
+        calls.append((name, category, seed))
         value = {"grass": 0.6, "brick": 0.8}[category] + (0.1 if name == "aand" else 0.0)
         keys = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
         curve = {"stage2_loss": [4.0, 3.0, 2.0, 1.5, 1.0]} if name == "aand" else {}
