@@ -21,7 +21,7 @@ value (demo categories of seed S > 0 are generated into ``DATA-seedS``, seed 0 u
 categories use ``DATA`` for every seed). With more than one seed every cell is ``mean ± std`` (sample
 standard deviation over seeds; the mean row's spread is that of the per-seed means over categories),
 and a second table compares the first model with each other one: a difference is a **tie** when
-``|mean difference| < max(std of the two)``.
+``|mean difference| ≤ max(std of the two)``.
 
 ``--aand-args '{"normalization": "teacher"}'`` passes extra keyword arguments to the three AAND
 contestants (aand, rd, hkd) for trials; they are recorded in ``results.json`` and in the report. ``--save-maps``
@@ -262,7 +262,7 @@ def _ties(summary: dict[str, dict[str, dict]], models: Sequence[str], categories
             cells = []
             for key in METRICS:
                 (a, sa), (b, sb) = summary[reference][category][key], summary[other][category][key]
-                tie = sa is not None and sb is not None and abs(a - b) < max(sa, sb)
+                tie = sa is not None and sb is not None and abs(a - b) <= max(sa, sb)
                 cells.append(f"{a - b:+.3f}" + (" (tie)" if tie else ""))
             label = "**mean**" if category == "mean" else category
             lines.append(f"| {LABELS[other]} | {label} | " + " | ".join(cells) + " |")
@@ -270,7 +270,7 @@ def _ties(summary: dict[str, dict[str, dict]], models: Sequence[str], categories
         return ""
     return (
         f"\n\n{LABELS[reference]} minus each other model (mean over seeds). A difference is a **tie** when "
-        "|mean difference| < the larger of the two standard deviations over seeds:\n\n"
+        "|mean difference| ≤ the larger of the two standard deviations over seeds:\n\n"
         "| against | category | "
         + " | ".join(METRICS.values())
         + " |\n|"
@@ -386,7 +386,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--aand-args",
         type=_json_object,
         default={},
-        help="extra Aand arguments as JSON, e.g. '{\"foreground_mask\": true}'",
+        help='extra Aand arguments (JSON) for the AAND contestants, e.g. \'{"normalization": "teacher"}\'',
     )
     parser.add_argument("--save-maps", action="store_true", help="keep test anomaly maps for benchmarks/map_errors.py")
     parser.add_argument("--output", type=Path, default=Path("results/benchmark"))
