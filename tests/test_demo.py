@@ -1,4 +1,7 @@
-"""The embedded demo dataset: layout, determinism, defects where the masks say, read by anomalib's MVTecAD."""
+"""The embedded demo dataset: layout, determinism, defects where the masks say, read by anomalib's MVTecAD.
+
+Textures and the procedurally drawn objects (pose and light jitter, defects on the object).
+"""
 
 import hashlib
 from pathlib import Path
@@ -10,7 +13,16 @@ from PIL import Image
 from scipy import ndimage
 from skimage import data as skdata
 
-from anomalib_aand.tools.demo import DEFECTS, DRAW, TINTS, _normal_image, generate_category, main
+from anomalib_aand.tools.demo import (
+    DEFECTS,
+    DRAW,
+    TINTS,
+    _normal_image,
+    generate_category,
+    main,
+    object_masks,
+)
+from anomalib_aand.tools.demo_objects import OBJECT_DEFECTS, OBJECTS, random_pose, render
 
 SMALL = {"n_train": 3, "n_good": 2, "n_defective": 5, "size": 128}
 
@@ -89,14 +101,15 @@ def test_bad_arguments_say_what_to_do(tmp_path: Path) -> None:
         generate_category(tmp_path, "brick", defects=("dent",))
 
 
-def test_command_line_and_mvtec_datamodule(tmp_path: Path) -> None:
-    """The CLI writes what anomalib's MVTecAD reads unchanged, masks included."""
+@pytest.mark.parametrize("category", ["grass", "screw"])
+def test_command_line_and_mvtec_datamodule(tmp_path: Path, category: str) -> None:
+    """The CLI writes what anomalib's MVTecAD reads unchanged, masks included (object silhouettes do not disturb it)."""
     main(
         [
             "--root",
             str(tmp_path),
             "--categories",
-            "grass",
+            category,
             "--train",
             "4",
             "--good",
@@ -107,7 +120,7 @@ def test_command_line_and_mvtec_datamodule(tmp_path: Path) -> None:
             "64",
         ]
     )
-    datamodule = MVTecAD(root=tmp_path, category="grass", train_batch_size=2, eval_batch_size=7, num_workers=0)
+    datamodule = MVTecAD(root=tmp_path, category=category, train_batch_size=2, eval_batch_size=7, num_workers=0)
     datamodule.setup()
     assert len(datamodule.train_data) == 4
     test = datamodule.test_data.samples
@@ -118,3 +131,69 @@ def test_command_line_and_mvtec_datamodule(tmp_path: Path) -> None:
     assert batch.image.shape == (7, 3, 64, 64)
     assert batch.gt_mask[batch.gt_label == 1].flatten(1).any(dim=1).all()
     assert not batch.gt_mask[batch.gt_label == 0].any()
+
+
+def test_list_and_default_categories(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--list`` names every category with its defects; without ``--categories`` only the textures are written."""
+    main(["--list"])
+    listed = capsys.readouterr().out
+    for category in ("brick", "grass", "gravel", "hex_nut", "screw"):
+        assert category in listed
+    assert "missing" in listed
+    main(["--root", str(tmp_path), "--train", "1", "--good", "1", "--defective", "1", "--size", "64"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["brick", "grass", "gravel"]
+
+
+@pytest.fixture(scope="module")
+def screws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_category(tmp_path_factory.mktemp("objects"), "screw", seed=5, **{**SMALL, "n_defective": 4})
+
+
+def test_object_category_is_deterministic_and_has_silhouettes(screws: Path, tmp_path: Path) -> None:
+    same = generate_category(tmp_path / "a", "screw", seed=5, **{**SMALL, "n_defective": 4})
+    other = generate_category(tmp_path / "b", "screw", seed=6, **{**SMALL, "n_defective": 4})
+    assert _digest(same) == _digest(screws)
+    assert all(a != b for a, b in zip(_digest(other).values(), _digest(screws).values(), strict=True))
+    assert sorted(p.name for p in (screws / "test").iterdir()) == sorted(["good", *OBJECT_DEFECTS])
+    silhouettes = object_masks(screws)
+    images = sorted(str(p.relative_to(screws).with_suffix("")) for p in screws.glob("t*/*/*.png"))
+    assert sorted(silhouettes) == images
+    assert all(m.shape == (128, 128) and 0.03 < m.mean() < 0.5 for m in silhouettes.values())
+    with pytest.raises(FileNotFoundError, match="object categories"):
+        object_masks(tmp_path)
+
+
+def test_object_poses_differ_between_images(screws: Path) -> None:
+    """Shift and rotation: no two training silhouettes coincide, and the object is never clipped by the border."""
+    silhouettes = [m for name, m in object_masks(screws).items() if name.startswith("train")]
+    for i, a in enumerate(silhouettes):
+        border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+        assert not border.any()
+        for b in silhouettes[i + 1 :]:
+            assert (a & b).sum() / (a | b).sum() < 0.95
+
+
+@pytest.mark.parametrize("kind", OBJECT_DEFECTS)
+@pytest.mark.parametrize("category", sorted(OBJECTS))
+def test_object_defect_lies_on_the_object_where_its_mask_is(kind: str, category: str) -> None:
+    """Against the same object in the same pose: the change is inside the mask, and the mask on the object."""
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        pose = random_pose(256, rng)
+        clean, nothing, silhouette = render(category, pose)
+        damaged, mask, same_silhouette = render(category, pose, kind, rng)
+        assert not nothing.any()
+        assert np.array_equal(silhouette, same_silhouette)
+        assert 0.0002 < mask.mean() < 0.05, mask.mean()
+        assert mask[~ndimage.binary_dilation(silhouette, iterations=1)].sum() == 0
+        change = np.abs(damaged - clean).sum(axis=2)
+        assert change[mask].mean() > 0.08, change[mask].mean()
+        near = ndimage.binary_dilation(mask, iterations=3)
+        assert change[near].sum() > 0.85 * change.sum(), change[near].sum() / change.sum()
+
+
+def test_object_defects_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="choose from"):
+        generate_category(tmp_path, "hex_nut", defects=("crack",))
+    with pytest.raises(ValueError, match="needs a generator"):
+        render("screw", random_pose(64, np.random.default_rng(0)), "scratch")

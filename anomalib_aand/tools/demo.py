@@ -1,15 +1,21 @@
-"""An embedded demo dataset in MVTec AD layout, made from the textures shipped in scikit-image.
+"""An embedded demo dataset in MVTec AD layout: three textures and two objects, all generated.
 
-One category per texture (``brick``, ``grass``, ``gravel``). Normal images are random 256 px
-windows of the 512 px texture with small camera variation (flips, exposure, sensor noise). Defective
-images carry one defect of a kind a camera would see on such a surface, drawn as a physical mark
-rather than as a noise blob:
+Texture categories (``brick``, ``grass``, ``gravel``) are made from the textures shipped in
+scikit-image. Normal images are random 256 px windows of the 512 px texture with small camera
+variation (flips, exposure, sensor noise). Defective images carry one defect of a kind a camera would
+see on such a surface, drawn as a physical mark rather than as a noise blob:
 
 - ``scratch``: a thin, smooth, light groove with a faint shadow;
 - ``crack``: a jagged dark fracture that branches and tapers;
 - ``hole``: a dark pit with an irregular rim, lit from one side;
 - ``stain``: a translucent discolouration with a darker drying ring;
 - ``contamination``: foreign particles and a fibre in a foreign colour, casting small shadows.
+
+Object categories (``hex_nut``, ``screw``) are drawn procedurally, one object per image with pose
+and lighting jitter, and carry ``scratch``, ``missing``, ``contamination`` or ``colour`` defects on
+the object (see ``anomalib_aand.tools.demo_objects``). Their folder also holds ``object_masks.npz``:
+the object's silhouette for every image, keyed by the image's path without suffix
+(``test/good/000``); anomalib does not read it.
 
 The layout is what anomalib's ``MVTecAD`` reads unchanged::
 
@@ -20,26 +26,35 @@ The layout is what anomalib's ``MVTecAD`` reads unchanged::
 
 Output is deterministic for a seed. Command line::
 
-    python -m anomalib_aand.tools.demo --root datasets/demo [--seed 0] [--categories brick grass]
+    python -m anomalib_aand.tools.demo --root datasets/demo [--seed 0] [--categories brick hex_nut]
+    python -m anomalib_aand.tools.demo --list
 """
 
 import argparse
 import json
 import shutil
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from scipy import ndimage
 from skimage import data as skdata
+
+from anomalib_aand.tools.demo_objects import OBJECT_DEFECTS, OBJECTS, random_pose, render
+from anomalib_aand.tools.drawing import blend as _blend
+from anomalib_aand.tools.drawing import blob as _blob
+from anomalib_aand.tools.drawing import mask as _mask
+from anomalib_aand.tools.drawing import stroke as _stroke
+from anomalib_aand.tools.drawing import walk as _walk
 
 TEXTURES: dict[str, Callable[[], np.ndarray]] = {"brick": skdata.brick, "grass": skdata.grass, "gravel": skdata.gravel}
 TINTS = {"brick": (1.0, 0.66, 0.52), "grass": (0.62, 0.9, 0.45), "gravel": (0.95, 0.9, 0.82)}
 DEFECTS = ("scratch", "crack", "hole", "stain", "contamination")
+CATEGORIES = (*TEXTURES, *OBJECTS)
 MARKER = ".anomalib_aand_demo.json"
-SUPERSAMPLE = 4
+OBJECT_MASKS = "object_masks.npz"
 
 RGB = np.ndarray  # (H, W, 3) float in [0, 1]
 Mask = np.ndarray  # (H, W) bool
@@ -64,57 +79,6 @@ def _normal_image(texture: np.ndarray, tint: Sequence[float], size: int, rng: np
 def _camera_noise(image: RGB, rng: np.random.Generator) -> np.ndarray:
     noisy = image + rng.normal(0.0, 0.012, image.shape)
     return (np.clip(noisy, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------- drawing helpers
-def _stroke(size: int, paths: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:
-    """Anti-aliased coverage in [0, 1] of polylines ``(points (N, 2) as x, y; width px)``."""
-    canvas = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
-    draw = ImageDraw.Draw(canvas)
-    for points, width in paths:
-        scaled = [(float(x) * SUPERSAMPLE, float(y) * SUPERSAMPLE) for x, y in points]
-        draw.line(scaled, fill=255, width=max(1, round(width * SUPERSAMPLE)), joint="curve")
-    return np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
-
-
-def _blob(
-    size: int, centre: np.ndarray, radius: float, rng: np.random.Generator, roughness: float = 0.25
-) -> np.ndarray:
-    """Anti-aliased coverage of an irregular star-shaped outline (a few random harmonics of the radius)."""
-    angles = np.linspace(0, 2 * np.pi, 96, endpoint=False)
-    r = np.ones_like(angles)
-    for harmonic in range(2, 7):
-        r += roughness / harmonic * rng.normal() * np.cos(harmonic * angles + rng.uniform(0, 2 * np.pi))
-    r = radius * np.clip(r, 0.4, 1.8)
-    stretch, turn = rng.uniform(0.6, 1.0), rng.uniform(0, np.pi)
-    x, y = r * np.cos(angles), r * stretch * np.sin(angles)
-    x, y = x * np.cos(turn) - y * np.sin(turn), x * np.sin(turn) + y * np.cos(turn)
-    canvas = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
-    outline = [((centre[0] + a) * SUPERSAMPLE, (centre[1] + b) * SUPERSAMPLE) for a, b in zip(x, y, strict=True)]
-    ImageDraw.Draw(canvas).polygon(outline, fill=255)
-    return np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
-
-
-def _walk(
-    start: np.ndarray, heading: float, steps: int, step: float, turn: float, rng: np.random.Generator
-) -> np.ndarray:
-    """A path of ``steps`` segments whose heading changes by N(0, ``turn``) per segment."""
-    points, position = [start], start.astype(np.float64)
-    for _ in range(steps):
-        heading += rng.normal(0.0, turn)
-        position = position + step * np.array([np.cos(heading), np.sin(heading)])
-        points.append(position)
-    return np.asarray(points)
-
-
-def _mask(coverage: np.ndarray, threshold: float = 0.2, grow: int = 1) -> Mask:
-    mask = coverage > threshold
-    return ndimage.binary_dilation(mask, iterations=grow) if grow else mask
-
-
-def _blend(image: RGB, alpha: np.ndarray, colour: Sequence[float] | np.ndarray) -> RGB:
-    alpha = alpha[..., None]
-    return image * (1 - alpha) + alpha * np.asarray(colour, dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------- defects
@@ -225,6 +189,47 @@ def _save(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
+def defects_of(category: str) -> tuple[str, ...]:
+    """The defect kinds a demo category can carry."""
+    if category in TEXTURES:
+        return DEFECTS
+    if category in OBJECTS:
+        return OBJECT_DEFECTS
+    msg = f"Unknown demo category {category!r}; choose from {list(CATEGORIES)} (see --list)."
+    raise ValueError(msg)
+
+
+def _texture_images(
+    category: str, n_train: int, n_good: int, defects: Sequence[str], size: int, rng: np.random.Generator
+) -> Iterator[tuple[str, np.ndarray, Mask | None, Mask | None]]:
+    """``(relative path without suffix, image uint8, defect mask or None, object mask or None)`` per image."""
+    texture, tint = TEXTURES[category](), TINTS[category]
+    for i in range(n_train):
+        yield f"train/good/{i:03d}", _camera_noise(_normal_image(texture, tint, size, rng), rng), None, None
+    for i in range(n_good):
+        yield f"test/good/{i:03d}", _camera_noise(_normal_image(texture, tint, size, rng), rng), None, None
+    counts = dict.fromkeys(defects, 0)
+    for kind in defects:
+        image, mask = DRAW[kind](_normal_image(texture, tint, size, rng), rng)
+        yield f"test/{kind}/{counts[kind]:03d}", _camera_noise(image, rng), mask, None
+        counts[kind] += 1
+
+
+def _object_images(
+    category: str, n_train: int, n_good: int, defects: Sequence[str], size: int, rng: np.random.Generator
+) -> Iterator[tuple[str, np.ndarray, Mask | None, Mask | None]]:
+    """As ``_texture_images``, for a procedurally drawn object (with its silhouette)."""
+    names = [f"train/good/{i:03d}" for i in range(n_train)] + [f"test/good/{i:03d}" for i in range(n_good)]
+    for name in names:
+        image, _, silhouette = render(category, random_pose(size, rng))
+        yield name, _camera_noise(image, rng), None, silhouette
+    counts = dict.fromkeys(defects, 0)
+    for kind in defects:
+        image, mask, silhouette = render(category, random_pose(size, rng), kind, rng)
+        yield f"test/{kind}/{counts[kind]:03d}", _camera_noise(image, rng), mask, silhouette
+        counts[kind] += 1
+
+
 def generate_category(
     root: str | Path,
     category: str,
@@ -233,15 +238,17 @@ def generate_category(
     n_defective: int = 30,
     size: int = 256,
     seed: int = 0,
-    defects: Sequence[str] = DEFECTS,
+    defects: Sequence[str] | None = None,
 ) -> Path:
-    """Write one category; ``n_defective`` images are spread evenly over ``defects``. Returns its folder."""
-    if category not in TEXTURES:
-        msg = f"Unknown demo category {category!r}; choose from {sorted(TEXTURES)}."
-        raise ValueError(msg)
-    unknown = [d for d in defects if d not in DRAW]
+    """Write one category; ``n_defective`` images are spread evenly over ``defects`` (default: all of the category's).
+
+    Returns its folder.
+    """
+    allowed = defects_of(category)
+    defects = tuple(allowed if defects is None else defects)
+    unknown = [d for d in defects if d not in allowed]
     if unknown or not defects:
-        msg = f"Unknown or no defect kinds {unknown or list(defects)}; choose from {list(DEFECTS)}."
+        msg = f"Unknown or no defect kinds {unknown or list(defects)} for {category}; choose from {list(allowed)}."
         raise ValueError(msg)
     if min(n_train, n_good, n_defective) < 1 or size < 64:
         msg = (
@@ -267,21 +274,30 @@ def generate_category(
             raise FileExistsError(msg)
         shutil.rmtree(folder)
     rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
-    texture, tint = TEXTURES[category](), TINTS[category]
-    for i in range(n_train):
-        _save(_camera_noise(_normal_image(texture, tint, size, rng), rng), folder / "train/good" / f"{i:03d}.png")
-    for i in range(n_good):
-        _save(_camera_noise(_normal_image(texture, tint, size, rng), rng), folder / "test/good" / f"{i:03d}.png")
-    counts = dict.fromkeys(defects, 0)
-    for i in range(n_defective):
-        kind = defects[i % len(defects)]
-        image, mask = DRAW[kind](_normal_image(texture, tint, size, rng), rng)
-        index = counts[kind]
-        counts[kind] += 1
-        _save(_camera_noise(image, rng), folder / "test" / kind / f"{index:03d}.png")
-        _save(mask.astype(np.uint8) * 255, folder / "ground_truth" / kind / f"{index:03d}_mask.png")
+    draw = _texture_images if category in TEXTURES else _object_images
+    kinds = [defects[i % len(defects)] for i in range(n_defective)]
+    silhouettes = {}
+    for name, image, mask, silhouette in draw(category, n_train, n_good, kinds, size, rng):
+        _save(image, folder / f"{name}.png")
+        if mask is not None:
+            _, kind, index = name.split("/")
+            _save(mask.astype(np.uint8) * 255, folder / "ground_truth" / kind / f"{index}_mask.png")
+        if silhouette is not None:
+            silhouettes[name] = silhouette
+    if silhouettes:
+        np.savez_compressed(folder / OBJECT_MASKS, **silhouettes)
     marker.write_text(json.dumps(settings))
     return folder
+
+
+def object_masks(folder: str | Path) -> dict[str, Mask]:
+    """The silhouettes an object category was written with, keyed by ``split/label/index`` (``test/good/000``)."""
+    path = Path(folder) / OBJECT_MASKS
+    if not path.is_file():
+        msg = f"No {OBJECT_MASKS} in {folder}; only the generator's object categories ({list(OBJECTS)}) have one."
+        raise FileNotFoundError(msg)
+    with np.load(path) as stored:
+        return {name: stored[name] for name in stored.files}
 
 
 def generate_demo_dataset(
@@ -298,18 +314,32 @@ def generate_demo_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m anomalib_aand.tools.demo --root DIR [--seed N] [--categories ...]``."""
+    """Command line: ``python -m anomalib_aand.tools.demo --root DIR [--seed N] [--categories ...] | --list``."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--root", required=True, help="output folder; categories go to ROOT/CATEGORY")
+    parser.add_argument("--root", help="output folder; categories go to ROOT/CATEGORY")
+    parser.add_argument("--list", action="store_true", help="print the categories and their defect kinds, then exit")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--categories", nargs="+", default=list(TEXTURES), choices=list(TEXTURES))
+    parser.add_argument(
+        "--categories",
+        nargs="+",
+        default=list(TEXTURES),
+        choices=list(CATEGORIES),
+        help="default: the textures (brick grass gravel)",
+    )
     parser.add_argument("--train", type=int, default=60, help="normal training images per category")
     parser.add_argument("--good", type=int, default=20, help="normal test images per category")
     parser.add_argument("--defective", type=int, default=30, help="defective test images per category")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     args = parser.parse_args(argv)
+    if args.list:
+        for category in CATEGORIES:
+            kind = "texture" if category in TEXTURES else "object"
+            print(f"{category:8s} {kind:8s} defects: {' '.join(defects_of(category))}")
+        return
+    if args.root is None:
+        parser.error("--root is required (or --list to see the categories)")
     for folder in generate_demo_dataset(
         args.root, args.categories, args.train, args.good, args.defective, args.size, args.seed
     ):
