@@ -1,10 +1,11 @@
 """INT8 export: ``Engine.export(..., compression_type=INT8_PTQ)`` (what ``anomalib export`` runs) keeps the ranking.
 
 A small model (random ResNet-18 teacher, 64 px, 16 training images, 1 + 2 epochs) is trained once and exported
-as an FP32 and an INT8 OpenVINO IR, calibrated on training images (``val_split_mode=from_train``). On the
-8 good and 8 defective unseen images (dark squares) the INT8 scores must rank images and pixels as the FP32
-ones do. With anomalib 2.7's plain ``nncf.quantize`` the INT8 image AUROC of this model falls by ~0.3
-(the quantised cosine swamps the teacher-student discrepancy).
+as an FP32 and an INT8 OpenVINO IR; INT8 is calibrated on training images (a datamodule with
+``val_split_mode=from_train``, as the README documents). On the 8 good and 8 defective test images (dark
+squares; the split that fixed the normalisation bounds, so no score is clamped) the INT8 scores must rank
+images and pixels as the FP32 ones do. With anomalib 2.7's plain ``nncf.quantize`` the INT8 image AUROC of
+this model falls by ~0.3 (the quantised cosine swamps the teacher-student discrepancy).
 """
 
 from pathlib import Path
@@ -33,14 +34,14 @@ PIXEL_AUROC_TOLERANCE = 0.02
 
 @pytest.fixture(scope="module")
 def irs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """FP32 and INT8 IRs of one trained model."""
+    """FP32 and INT8 IRs of one trained model, and its dataset folder."""
     root = tmp_path_factory.mktemp("int8")
-    make_mvtec_dataset(root, n_train=16)
+    make_mvtec_dataset(root, n_train=16, n_good=8, n_bad=8)
     seed_everything(0)
-    datamodule = MVTecAD(
+    datamodule = MVTecAD(root=root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    calibration = MVTecAD(
         root=root,
         category="toy",
-        train_batch_size=4,
         eval_batch_size=4,
         num_workers=0,
         val_split_mode=ValSplitMode.FROM_TRAIN,
@@ -54,17 +55,20 @@ def irs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     engine.fit(model, datamodule=datamodule)
     checkpoint = engine.trainer.checkpoint_callback.best_model_path
     return {
-        name: Path(
-            engine.export(
-                Aand(backbone="resnet18"),
-                ExportType.OPENVINO,
-                export_root=root / name,
-                ckpt_path=checkpoint,
-                compression_type=compression,
-                datamodule=datamodule,
+        "root": root / "toy",
+        **{
+            name: Path(
+                engine.export(
+                    Aand(backbone="resnet18"),
+                    ExportType.OPENVINO,
+                    export_root=root / name,
+                    ckpt_path=checkpoint,
+                    compression_type=compression,
+                    datamodule=calibration,
+                )
             )
-        )
-        for name, compression in (("fp32", None), ("int8", CompressionType.INT8_PTQ))
+            for name, compression in (("fp32", None), ("int8", CompressionType.INT8_PTQ))
+        },
     }
 
 
@@ -82,11 +86,11 @@ def _auroc(scores: np.ndarray, targets: np.ndarray) -> float:
     return float(BinaryAUROC()(torch.as_tensor(scores).flatten(), torch.as_tensor(targets).flatten().long()))
 
 
-def test_int8_export_keeps_fp32_ranking(irs: dict[str, Path], tmp_path: Path) -> None:
+def test_int8_export_keeps_fp32_ranking(irs: dict[str, Path]) -> None:
     """INT8 image and pixel AUROC stay within tolerance of FP32's, and the IR is quantised (has FakeQuantize)."""
     import openvino as ov
 
-    base = make_mvtec_dataset(tmp_path, n_train=0, n_good=8, n_bad=8, seed=1)
+    base = irs["root"]
     paths = sorted((base / "test").rglob("*.png"))
     images = np.stack([read_image(p, as_tensor=True).numpy() for p in paths])
     labels = np.asarray([p.parent.name != "good" for p in paths])
