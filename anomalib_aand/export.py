@@ -1,9 +1,10 @@
 """INT8 post-training quantisation of AAND's OpenVINO IR (NNCF), keeping the anomaly map in float.
 
-AAND's anomaly signal is ``1 - cos`` between the amplified teacher features and the student's reconstruction:
-on normal images the two are nearly parallel, so the signal is a small difference of two large products.
-NNCF's defaults (what anomalib 2.7's ``INT8_PTQ`` runs) also quantise the element-wise products, sums and the
-Gaussian blur that compute the map from the features, and 8 bits cannot hold that difference
+AAND's anomaly signal is ``1 - cos`` between the amplified teacher features and the student's reconstruction.
+NNCF's defaults (what anomalib 2.7's ``INT8_PTQ`` runs, NNCF 3.4) also quantise the element-wise products,
+sums and the Gaussian blur that compute the map from the features. Their ranges come from calibration images,
+which are all normal, so defective values are clipped at the normal maximum and every score falls below the
+FP32 threshold baked into the graph; the quantised products also blur the finest scale's distance
 (``benchmarks/int8_stages.py`` shows it stage by stage). This recipe quantises the convolutions of teacher,
 RAA and student as NNCF does, and leaves every operation after the last feature maps in float: the cosine
 distance, the upsampling, the blur and anomalib's normalisation.
