@@ -1,11 +1,11 @@
 """INT8 export: ``Engine.export(..., compression_type=INT8_PTQ)`` (what ``anomalib export`` runs) keeps the ranking.
 
-A small model (the offline ImageNet EfficientNet-Lite0 teacher, 64 px, 16 training images, 1 + 5 epochs) is
-trained once and exported as an FP32 and an INT8 OpenVINO IR; INT8 is calibrated on training images (a datamodule with
-``val_split_mode=from_train``, as the README documents). On the 8 good and 8 defective test images (dark
-squares; the split that fixed the normalisation bounds, so no score is clamped) the INT8 scores must rank
-images and pixels as the FP32 ones do. With anomalib 2.7's plain ``nncf.quantize`` (main before this recipe) every INT8 score
-of this model is 0.0: image AUROC 0.5 against FP32's 1.0.
+A small model (the offline ImageNet EfficientNet-Lite0 teacher, 64 px, 16 training images, 1 + 5 epochs)
+is trained once and exported as an FP32 and an INT8 OpenVINO IR; INT8 is calibrated on training images
+(a datamodule with ``val_split_mode=from_train``, as the README documents). On the 8 good and 8 defective
+test images (dark squares; the split that fixed the normalisation bounds, so no score is clamped) the INT8
+scores must rank images and pixels as the FP32 ones do. With anomalib 2.7's plain ``nncf.quantize`` (main
+before this recipe) every INT8 score of this model is 0.0: image AUROC 0.5 against FP32's 1.0.
 """
 
 from pathlib import Path
