@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 import torch
 from anomalib import LearningType
-from anomalib.data import Batch
+from anomalib.data import AnomalibDataModule, Batch
+from anomalib.deploy import CompressionType
 from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Max, F1Score
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
@@ -35,6 +36,7 @@ from .components.checks import (
 from .components.feature_cache import Stage2Targets
 from .components.synthesis import AnomalySynthesizer
 from .components.teacher import load_teacher_weights, teacher_pre_processor
+from .export import quantize_openvino_ir
 from .loss import AmplificationLoss, DistillationLoss
 from .torch_model import AandModel
 from .workarounds import check_dataset_before_download, keep_trained_weights_on_retest, save_checkpoint_every_epoch
@@ -291,6 +293,21 @@ class Aand(AnomalibModule):
             check_export_size(self.model, input_size, self.distillation_loss.top_k)
         kwargs.setdefault("opset_version", 18)
         return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
+    def to_openvino(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        **kwargs: Any,  # noqa: ANN401  (passed on to anomalib)
+    ) -> Path:
+        """Anomalib's OpenVINO export; ``INT8_PTQ`` quantises with AAND's recipe (:mod:`anomalib_aand.export`)."""
+        if compression_type != CompressionType.INT8_PTQ:
+            return super().to_openvino(export_root, model_file_name, input_size, compression_type, datamodule, **kwargs)
+        xml = super().to_openvino(export_root, model_file_name, input_size, None, datamodule, **kwargs)
+        return quantize_openvino_ir(Path(xml), datamodule)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

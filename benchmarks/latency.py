@@ -1,16 +1,21 @@
-"""CPU latency of AAND and of the plain reverse-distillation student: torch eager, OpenVINO FP32 and INT8.
+"""CPU latency of AAND and of the plain reverse-distillation student: torch eager, OpenVINO FP32, FP16, INT8.
 
 For each teacher (EfficientNet-Lite0, ResNet-18) two models are built on the same teacher: AAND (RAA
 modules + student) and ``Aand(stage1_epochs=0)``, which has no RAA modules (the plain RD4AD student).
 Each is timed as anomalib exports it (pre-process -> model -> post-process) on raw 256 px images at
 batch 1 and 8: median milliseconds per image over ``--repeats`` runs after ``--warmup`` runs.
-OpenVINO FP32 runs with ``INFERENCE_PRECISION_HINT=f32``; INT8 is NNCF post-training quantisation of
-the FP32 IR, calibrated on ``--calibration`` images (training images). Weights are random: latency does
-not depend on them. Also prints parameters and GFLOPs (torch FLOP counter: one multiply-add = 2 FLOPs).
+OpenVINO FP32 and FP16 (weights stored in FP16, ``compress_to_fp16``) run with ``INFERENCE_PRECISION_HINT=f32``;
+INT8 is the IR that ``Aand.to_openvino(compression_type=INT8_PTQ)`` writes (:func:`anomalib_aand.export.quantize`),
+calibrated on ``--calibration`` images (training images). Weights are random: latency does not depend on them.
+
+The physical limit: the same run times a large float32 GEMM and an int8 GEMM in OpenVINO (a MatMul model,
+and the same model quantised to int8 by NNCF), the machine's measured peak operations per second, and
+reports each runtime's share of that peak (model FLOPs per image from torch's FLOP counter, one
+multiply-add = 2 FLOPs; INT8 against the int8 peak, the others against the float32 peak).
 
     python benchmarks/latency.py --calibration datasets/demo/brick/train/good --out results/latency
 
-Writes ``latency.md`` (Markdown table with the CPU's name and load), ``latency.csv`` and ``latency.png``.
+Writes ``latency.md`` (Markdown table with the CPU's name, flags and load), ``latency.csv`` and ``latency.png``.
 """
 
 import argparse
@@ -35,6 +40,9 @@ TEACHERS = {
 }
 SIZE = 256
 BATCHES = (1, 8)
+RUNTIMES = ("torch eager", "OpenVINO FP32", "OpenVINO FP16", "OpenVINO INT8")
+SHORT = {"torch eager": "torch", "OpenVINO FP32": "OV FP32", "OpenVINO FP16": "OV FP16", "OpenVINO INT8": "OV INT8"}
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
 def cpu_name() -> str:
@@ -45,6 +53,44 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
     return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """The vector / matrix extensions that decide INT8 speed, as ``/proc/cpuinfo`` lists them."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags: set[str] = set()
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in ISA_FLAGS)
+
+
+def measure_peak(args: argparse.Namespace, size: int = 2048) -> dict[str, float]:
+    """Measured peak GFLOP/s (float32) and GOP/s (int8): an OpenVINO ``size``-square MatMul and its int8 version."""
+    import nncf
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    rng = np.random.default_rng(0)
+    activations = ops.parameter([size, size], np.float32, name="x")
+    weights = ops.constant(rng.standard_normal((size, size)).astype(np.float32))
+    model = ov.Model([ops.matmul(activations, weights, transpose_a=False, transpose_b=False)], [activations])
+    samples = [rng.standard_normal((size, size)).astype(np.float32) for _ in range(2)]
+    int8 = nncf.quantize(model, nncf.Dataset(samples), subset_size=2, fast_bias_correction=True)
+    threads = {"INFERENCE_NUM_THREADS": args.threads} if args.threads else {}
+    core = ov.Core()
+    peak = {}
+    for name, graph in (("float32", model), ("int8", int8)):
+        compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **threads})
+        seconds = median_ms_per_image(lambda c=compiled: c(samples[0]), 1, args.warmup, args.repeats) / 1000
+        peak[name] = 2 * size**3 / seconds / 1e9
+    a, b = torch.from_numpy(samples[0]), torch.from_numpy(samples[1])
+    seconds = median_ms_per_image(lambda: a @ b, 1, args.warmup, args.repeats) / 1000
+    peak["torch float32"] = 2 * size**3 / seconds / 1e9
+    print({k: round(v, 1) for k, v in peak.items()}, "G(FL)OP/s", flush=True)
+    return peak
 
 
 def load_average() -> str:
@@ -84,8 +130,9 @@ def calibration_images(folder: Path | None, count: int) -> list[np.ndarray]:
 
 def measure(backbone: str, amplification: bool, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     """Parameters, GFLOPs and latencies of one model."""
-    import nncf
     import openvino as ov
+
+    from anomalib_aand.export import quantize
 
     model = Aand(
         backbone=backbone, layers=TEACHERS[backbone], pre_trained=False, stage1_epochs=1 if amplification else 0
@@ -111,10 +158,13 @@ def measure(backbone: str, amplification: bool, args: argparse.Namespace, workdi
     core = ov.Core()
     threads = {"INFERENCE_NUM_THREADS": args.threads} if args.threads else {}
     fp32 = core.read_model(xml)
-    calibration = nncf.Dataset(calibration_images(args.calibration, args.calibration_size))
-    int8 = nncf.quantize(fp32, calibration, subset_size=args.calibration_size)
+    ov.save_model(fp32, export_root / "fp16.xml", compress_to_fp16=True)
+    int8 = quantize(fp32, calibration_images(args.calibration, args.calibration_size), recipe=args.int8_recipe)
     compiled = {
         "OpenVINO FP32": core.compile_model(fp32, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **threads}),
+        "OpenVINO FP16": core.compile_model(
+            export_root / "fp16.xml", "CPU", {"INFERENCE_PRECISION_HINT": "f32", **threads}
+        ),
         "OpenVINO INT8": core.compile_model(int8, "CPU", threads),
     }
     for batch in BATCHES:
@@ -130,8 +180,8 @@ def measure(backbone: str, amplification: bool, args: argparse.Namespace, workdi
     return row
 
 
-def write_report(rows: list[dict[str, object]], out: Path, header: str) -> None:
-    """Markdown table, CSV and a bar chart."""
+def write_report(rows: list[dict[str, object]], out: Path, header: str, peak: dict[str, float]) -> None:
+    """Markdown tables (latency, share of the measured peak), CSV and a bar chart."""
     import matplotlib as mpl
 
     mpl.use("Agg")
@@ -143,16 +193,37 @@ def write_report(rows: list[dict[str, object]], out: Path, header: str) -> None:
     lines = [header, "", "ms per image (median), 256 px; speed-up over torch eager in brackets.", ""]
     columns = ["teacher", "model", "params (M)", "GFLOPs"]
     for batch in BATCHES:
-        columns += [f"torch b{batch}", f"OV FP32 b{batch}", f"OV INT8 b{batch}"]
+        columns += [f"{SHORT[r]} b{batch}" for r in RUNTIMES] + [f"INT8/FP32 b{batch}"]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = [str(row["teacher"]), str(row["model"]), f"{row['params_M']:.2f}", f"{row['GFLOPs']:.2f}"]
         for batch in BATCHES:
             eager = row[f"torch eager b{batch}"]
             cells.append(f"{eager:.1f}")
-            for name in ("OpenVINO FP32", "OpenVINO INT8"):
+            for name in RUNTIMES[1:]:
                 value = row[f"{name} b{batch}"]
                 cells.append(f"{value:.1f} ({eager / value:.2f}x)")
+            cells.append(f"{row[f'OpenVINO FP32 b{batch}'] / row[f'OpenVINO INT8 b{batch}']:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        (
+            f"Measured peak (2048 x 2048 GEMM, same run): OpenVINO float32 {peak['float32']:.1f} GFLOP/s, "
+            f"OpenVINO int8 {peak['int8']:.1f} GOP/s, torch float32 {peak['torch float32']:.1f} GFLOP/s. "
+            "Share of that peak reached by each runtime (model GFLOPs / time; INT8 against the int8 peak, the "
+            "others against the OpenVINO float32 peak):"
+        ),
+        "",
+    ]
+    columns = ["teacher", "model"] + [f"{SHORT[r]} b{batch}" for batch in BATCHES for r in RUNTIMES]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [str(row["teacher"]), str(row["model"])]
+        for batch in BATCHES:
+            for name in RUNTIMES:
+                reference = peak["int8"] if name.endswith("INT8") else peak["float32"]
+                achieved = float(row["GFLOPs"]) / (float(row[f"{name} b{batch}"]) / 1000)
+                cells.append(f"{100 * achieved / reference:.0f} %")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "AAND / RD student latency ratio (same teacher, same runtime):", ""]
     for teacher in dict.fromkeys(r["teacher"] for r in rows):
@@ -169,12 +240,12 @@ def write_report(rows: list[dict[str, object]], out: Path, header: str) -> None:
 
     plt.close("all")
     figure, axes = plt.subplots(1, len(BATCHES), figsize=(6 * len(BATCHES), 4), sharey=False)
-    runtimes = ["torch eager", "OpenVINO FP32", "OpenVINO INT8"]
+    runtimes = list(RUNTIMES)
     labels = [f"{r['model']}\n{r['teacher']}" for r in rows]
     for axis, batch in zip(np.atleast_1d(axes), BATCHES, strict=True):
         x = np.arange(len(rows))
         for i, runtime in enumerate(runtimes):
-            axis.bar(x + (i - 1) * 0.27, [r[f"{runtime} b{batch}"] for r in rows], width=0.27, label=runtime)
+            axis.bar(x + (i - 1.5) * 0.2, [r[f"{runtime} b{batch}"] for r in rows], width=0.2, label=runtime)
         axis.set_xticks(x, labels, fontsize=8)
         axis.set_ylabel("ms / image (median)")
         axis.set_title(f"batch {batch}, {SIZE} px")
@@ -195,12 +266,14 @@ def main() -> None:
     parser.add_argument("--calibration-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--int8-recipe", choices=["aand", "anomalib"], default="aand", help="see anomalib_aand.export")
     parser.add_argument("--threads", type=int, default=0, help="threads for torch and OpenVINO (default: all cores)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     loads = [load_average()]
+    peak = measure_peak(args)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for backbone in args.teachers:
@@ -208,10 +281,11 @@ def main() -> None:
                 rows.append(measure(backbone, amplification, args, Path(workdir)))
                 loads.append(load_average())
                 header = (
-                    f"CPU: {cpu_name()}; torch {torch.__version__} ({torch.get_num_threads()} threads); "
+                    f"CPU: {cpu_name()}; flags: {cpu_flags()}; torch {torch.__version__} "
+                    f"({torch.get_num_threads()} threads); INT8 recipe {args.int8_recipe!r}; "
                     f"load average (1/5/15 min) during the run: {loads[0]} ... {loads[-1]}"
                 )
-                write_report(rows, args.out, header)  # after every model, so an interrupted run keeps its rows
+                write_report(rows, args.out, header, peak)  # after every model, so an interrupted run keeps its rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""INT8 export: ``Engine.export(..., compression_type=INT8_PTQ)`` (what ``anomalib export`` runs) keeps the ranking.
+
+A small model (the offline ImageNet EfficientNet-Lite0 teacher, 64 px, 16 training images, 1 + 5 epochs)
+is trained once and exported as an FP32 and an INT8 OpenVINO IR; INT8 is calibrated on training images
+(a datamodule with ``val_split_mode=from_train``, as the README documents). On the 8 good and 8 defective
+test images (dark squares; the split that fixed the normalisation bounds, so no score is clamped) the INT8
+scores must rank images and pixels as the FP32 ones do. With anomalib 2.7's plain ``nncf.quantize`` (main
+before this recipe) every INT8 score of this model is 0.0: image AUROC 0.5 against FP32's 1.0.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.data.utils import ValSplitMode, read_image, read_mask
+from anomalib.deploy import CompressionType, ExportType
+from anomalib.engine import Engine
+from conftest import make_mvtec_dataset
+from lightning import seed_everything
+from torchmetrics.classification import BinaryAUROC
+
+from anomalib_aand import Aand
+
+SIZE = 64
+# One image pair swapped of 8 x 8 moves image AUROC by 1/64 = 0.016: allow three swaps. Pixel AUROC is
+# computed over ~65k pixels, so it has to stay much closer.
+IMAGE_AUROC_TOLERANCE = 0.05
+PIXEL_AUROC_TOLERANCE = 0.02
+
+
+@pytest.fixture(scope="module")
+def irs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """FP32 and INT8 IRs of one trained model, and its dataset folder."""
+    root = tmp_path_factory.mktemp("int8")
+    make_mvtec_dataset(root, n_train=16, n_good=8, n_bad=8)
+    seed_everything(0)
+    datamodule = MVTecAD(root=root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    calibration = MVTecAD(
+        root=root,
+        category="toy",
+        eval_batch_size=4,
+        num_workers=0,
+        val_split_mode=ValSplitMode.FROM_TRAIN,
+        val_split_ratio=0.5,
+    )
+    model = Aand(
+        backbone="tf_efficientnet_lite0",
+        layers=("blocks.1", "blocks.2", "blocks.4"),
+        pre_trained=True,
+        stage1_epochs=1,
+        stage2_epochs=5,
+        num_keys=4,
+        pre_processor=Aand.configure_pre_processor((SIZE, SIZE)),
+    )
+    engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu", devices=1)
+    engine.fit(model, datamodule=datamodule)
+    checkpoint = engine.trainer.checkpoint_callback.best_model_path
+    return {
+        "root": root / "toy",
+        **{
+            name: Path(
+                engine.export(
+                    Aand(backbone="tf_efficientnet_lite0", layers=("blocks.1", "blocks.2", "blocks.4")),
+                    ExportType.OPENVINO,
+                    export_root=root / name,
+                    ckpt_path=checkpoint,
+                    compression_type=compression,
+                    datamodule=calibration,
+                )
+            )
+            for name, compression in (("fp32", None), ("int8", CompressionType.INT8_PTQ))
+        },
+    }
+
+
+def _predict(xml: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    outputs = [compiled(image[None]) for image in images]
+    return np.concatenate([o["pred_score"].reshape(-1) for o in outputs]), np.concatenate(
+        [o["anomaly_map"] for o in outputs]
+    )
+
+
+def _auroc(scores: np.ndarray, targets: np.ndarray) -> float:
+    return float(BinaryAUROC()(torch.as_tensor(scores).flatten(), torch.as_tensor(targets).flatten().long()))
+
+
+def test_int8_export_keeps_fp32_ranking(irs: dict[str, Path]) -> None:
+    """INT8 image and pixel AUROC stay within tolerance of FP32's, and the IR is quantised (has FakeQuantize)."""
+    import openvino as ov
+
+    base = irs["root"]
+    paths = sorted((base / "test").rglob("*.png"))
+    images = np.stack([read_image(p, as_tensor=True).numpy() for p in paths])
+    labels = np.asarray([p.parent.name != "good" for p in paths])
+    masks = np.stack(
+        [
+            read_mask(base / "ground_truth/spot" / f"{p.stem}_mask.png", as_tensor=True).numpy() > 0
+            if p.parent.name != "good"
+            else np.zeros((SIZE, SIZE), bool)
+            for p in paths
+        ]
+    )
+    fp32_scores, fp32_maps = _predict(irs["fp32"], images)
+    int8_scores, int8_maps = _predict(irs["int8"], images)
+    fp32_auroc = _auroc(fp32_scores, labels)
+    assert fp32_auroc >= 0.8, "the FP32 model must separate the defects for this test to mean anything"
+    assert abs(_auroc(int8_scores, labels) - fp32_auroc) <= IMAGE_AUROC_TOLERANCE
+    assert abs(_auroc(int8_maps, masks) - _auroc(fp32_maps, masks)) <= PIXEL_AUROC_TOLERANCE
+    ops = {op.get_type_name() for op in ov.Core().read_model(irs["int8"]).get_ops()}
+    assert "FakeQuantize" in ops
