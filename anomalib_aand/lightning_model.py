@@ -27,7 +27,7 @@ from torch import optim
 from .components.checks import (
     check_checkpoint,
     check_checkpoint_file,
-    check_datamodule,
+    check_datamodule_once,
     check_export_size,
     check_finite_losses,
     check_hyperparameters,
@@ -39,7 +39,13 @@ from .components.teacher import load_teacher_weights, teacher_pre_processor
 from .export import quantize_openvino_ir
 from .loss import AmplificationLoss, DistillationLoss
 from .torch_model import AandModel
-from .workarounds import check_dataset_before_download, keep_trained_weights_on_retest, save_checkpoint_every_epoch
+from .workarounds import (
+    broadcast_buffers_from_rank_zero,
+    check_dataset_before_download,
+    ddp_find_unused_parameters,
+    keep_trained_weights_on_retest,
+    save_checkpoint_every_epoch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -234,8 +240,13 @@ class Aand(AnomalibModule):
             logger.info("AAND stage %d starts at epoch %d.", self.stage, self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
-        """Step the active stage's learning-rate schedule."""
+        """Step the active stage's learning-rate schedule; all processes end the epoch with rank 0's buffers."""
         self.lr_schedulers()[self.stage - 1].step()
+        broadcast_buffers_from_rank_zero(self.model, self.trainer)
+
+    def on_validation_start(self) -> None:
+        """All processes validate rank 0's model (the one the checkpoint holds)."""
+        broadcast_buffers_from_rank_zero(self.model, self.trainer)
 
     def configure_callbacks(self) -> Any:  # noqa: ANN401  (Lightning's own return type)
         """The callbacks of anomalib, after refusing a missing dataset folder (this runs before any download)."""
@@ -243,9 +254,10 @@ class Aand(AnomalibModule):
         return super().configure_callbacks()
 
     def setup(self, stage: str) -> None:
-        """Check the images the stage will read; save a checkpoint every epoch while fitting."""
+        """Check the images the stage will read (once, on rank 0); let DDP train both stages; save every epoch."""
         if self.trainer.datamodule is not None:
-            check_datamodule(self.trainer.datamodule, stage)
+            check_datamodule_once(self.trainer.datamodule, stage, self.trainer.strategy)
+        ddp_find_unused_parameters(self.trainer)
         if stage == "fit":
             save_checkpoint_every_epoch(self.trainer)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 
 from .components.checks import check_dataset_folder, check_masks_present
@@ -99,3 +100,44 @@ def allow_non_ascii_paths() -> None:
 
     if hasattr(path, "contains_non_printable_characters"):
         path.contains_non_printable_characters = _contains_non_printable_characters
+
+
+def ddp_find_unused_parameters(trainer: Trainer) -> None:
+    """Let DDP train a model whose stages leave parameters without gradients, with no flag from the user.
+
+    AAND's stage 1 trains only the RAA modules and stage 2 only the student (one optimiser each, manual
+    optimisation), so every backward leaves the other stage's parameters unused (and anomalib 2.7.0's RD4AD
+    bottleneck holds ``conv4``/``bn4``, which it never calls). Lightning 2.6.6's ``DDPStrategy``
+    (``--trainer.strategy ddp``, and ``auto`` on several devices) wraps the module with
+    ``find_unused_parameters=False``, and DDP then stops at the second step ("parameters that were not used in
+    producing the loss"). The LightningModule's ``setup`` hook runs before ``DDPStrategy.setup`` wraps the
+    module, so this sets the flag there, in the strategy's (private) ``_ddp_kwargs``, exactly as the registered
+    strategy ``ddp_find_unused_parameters_true`` does. Frozen parameters (the teacher) are not registered with
+    DDP at all; the idle stage's parameters are detected as unused each step (one graph traversal) and their
+    gradient buckets are reduced as zeros.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or strategy._ddp_kwargs.get("find_unused_parameters"):  # noqa: SLF001
+        return
+    if strategy._ddp_kwargs.get("static_graph"):  # noqa: SLF001
+        msg = (
+            "AAND trains different parameters in its two stages, which DDP's static_graph=True does not allow. "
+            "Use --trainer.strategy ddp without static_graph."
+        )
+        raise ValueError(msg)
+    strategy._ddp_kwargs["find_unused_parameters"] = True  # noqa: SLF001
+    logger.debug("DDP: find_unused_parameters=True (each AAND stage trains only its own modules).")
+
+
+def broadcast_buffers_from_rank_zero(module: torch.nn.Module, trainer: Trainer) -> None:
+    """Give every process rank 0's buffers (the student's BatchNorm running statistics).
+
+    Under DDP each process updates its BatchNorm running statistics from its own images; torch 2.14's
+    ``DistributedDataParallel`` (``broadcast_buffers=True``) copies rank 0's buffers to the others only at the
+    start of the next training forward, and Lightning 2.6.6's validation during ``fit`` does not. Without this,
+    the processes end an epoch with different statistics, and validation (thresholds, normalisation) would
+    score each process's share of the images with a slightly different model than the checkpoint (rank 0's).
+    """
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)

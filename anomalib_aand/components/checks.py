@@ -23,6 +23,9 @@ from timm.models import split_model_name_tag
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 if TYPE_CHECKING:
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.strategies import Strategy
+
     from anomalib_aand.torch_model import AandModel
 
 logger = logging.getLogger(__name__)
@@ -250,6 +253,27 @@ def check_datamodule(datamodule: object, stage: str) -> None:
     sizes = check_images(images, what=f"{'/'.join(present)} images of {source}")
     sizes |= check_images(masks, what=f"masks of {source}")
     check_mask_sizes([pair for dataset in present.values() for pair in _mask_pairs_of(dataset)], sizes, source)
+
+
+def check_datamodule_once(datamodule: "LightningDataModule", stage: str, strategy: "Strategy") -> None:
+    """``check_datamodule`` on global rank 0 only; the other processes wait for its verdict and stop with it.
+
+    Under DDP every process would otherwise decode every image, and a bad file would print one error per
+    process. ``strategy`` is the trainer's (its ``broadcast`` is a no-op in one process).
+    """
+    error = None
+    if strategy.is_global_zero:
+        try:
+            check_datamodule(datamodule, stage)
+        except AandInputError as found:
+            error = str(found)
+    error = strategy.broadcast(error, src=0)
+    if error is None:
+        return
+    if strategy.is_global_zero:
+        raise AandInputError(error)
+    msg = f"Process {strategy.global_rank} stops: the data check on rank 0 failed (see rank 0's message)."
+    raise AandInputError(msg)
 
 
 def _mask_pairs_of(dataset: object) -> list[tuple[str, str]]:

@@ -120,7 +120,8 @@ class FeatureCache:
 def train_images(trainer: "Trainer") -> tuple[int | None, int]:
     """``(images, batches)`` per epoch of the process whose cache is sized: images ``None`` if unknown.
 
-    One process sees the whole training set today; with several ranks this is where one rank's share goes.
+    Under DDP the ``DistributedSampler`` hands each process a different share every epoch, so each process's
+    cache still grows towards the whole training set: ``images`` is the whole set's size.
     """
     try:
         images = len(trainer.train_dataloader.dataset)
@@ -156,6 +157,7 @@ class Stage2Targets:
         self.hits = self.stored = 0
         self.dtype: torch.dtype | None = None
         self._epoch_size: tuple[int | None, int] = (None, 0)
+        self._processes = 1
         self._probe: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
         self._decided = False
 
@@ -183,6 +185,7 @@ class Stage2Targets:
         self.stop()
         self.hits = self.stored = 0
         self.dtype, self._decided, self._epoch_size = None, False, train_images(trainer)
+        self._processes = max(1, int(getattr(trainer, "num_devices", 1) or 1))  # caches that share this machine
         self._probe = lambda features: _side_effect_free(state, lambda: loss(features, student(list(features))))
         self.reason = None
         if not self.requested:
@@ -229,10 +232,12 @@ class Stage2Targets:
             dtype = self._storage_dtype(features)
             count = self._epoch_size[0] or self._epoch_size[1] * len(images)
             needed_gb = count * FeatureCache.bytes_per_image(features, dtype) / 1e9
-            if needed_gb > self.budget_gb:
+            budget_gb = self.budget_gb / self._processes  # each process on this machine holds its own cache
+            if needed_gb > budget_gb:
+                share = f" / {self._processes} processes on this machine" if self._processes > 1 else ""
                 self.reason = (
-                    f"it would take {needed_gb:.3g} GB for {count} images, over cache_budget_gb={self.budget_gb}; "
-                    "raise the budget to use it"
+                    f"it would take {needed_gb:.3g} GB for {count} images, over cache_budget_gb={self.budget_gb}"
+                    f"{share}; raise the budget to use it"
                 )
         if self.reason is not None:
             log = logger.warning if self.requested else logger.info
