@@ -91,3 +91,19 @@ def openvino_ir(exported: tuple["Aand", Path]) -> Path:
     xml = exported[1].parent / "openvino" / "model.xml"
     ov.save_model(ov.convert_model(exported[1]), xml, compress_to_fp16=False)  # as anomalib's FP32 export
     return xml
+
+
+def tiny_aand(**kwargs: object) -> "Aand":
+    """Smallest useful AAND: resnet18 with random weights, 32 px images, 1 + 1 epochs; ``kwargs`` override."""
+    from anomalib_aand import Aand  # imported here: HF_HUB_OFFLINE above must be set before huggingface_hub loads
+
+    arguments = {
+        "backbone": "resnet18",
+        "pre_trained": False,
+        "stage1_epochs": 1,
+        "stage2_epochs": 1,
+        "hkd_top_k": 2,
+        "pre_processor": Aand.configure_pre_processor((32, 32)),
+        "visualizer": False,
+    }
+    return Aand(**{**arguments, **kwargs})

@@ -9,27 +9,13 @@ import pytest
 import torch
 from anomalib.data import Folder, MVTecAD
 from anomalib.engine import Engine
-from conftest import make_mvtec_dataset
+from conftest import make_mvtec_dataset, tiny_aand
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
-from anomalib_aand import Aand
 from anomalib_aand.components.checks import AandInputError, check_finite_losses
 
 SIZE = 32
-
-
-def tiny_aand(**kwargs: object) -> Aand:
-    arguments = {
-        "backbone": "resnet18",
-        "pre_trained": False,
-        "stage1_epochs": 1,
-        "stage2_epochs": 1,
-        "hkd_top_k": 2,
-        "pre_processor": Aand.configure_pre_processor((SIZE, SIZE)),
-        "visualizer": False,
-    }
-    return Aand(**{**arguments, **kwargs})
 
 
 def engine(root: Path, **kwargs: object) -> Engine:

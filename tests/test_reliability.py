@@ -21,7 +21,7 @@ import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.models import Padim
-from conftest import make_mvtec_dataset
+from conftest import make_mvtec_dataset, tiny_aand
 from lightning.pytorch import Callback, seed_everything
 from PIL import Image
 
@@ -38,21 +38,6 @@ from anomalib_aand.loss import DistillationLoss
 
 SIZE = 32
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_aand(**kwargs) -> Aand:
-    """Smallest useful AAND: resnet18 with random weights, 32 px images."""
-    arguments = {
-        "backbone": "resnet18",
-        "pre_trained": False,
-        "stage1_epochs": 1,
-        "stage2_epochs": 1,
-        "hkd_top_k": 2,
-        "pre_processor": Aand.configure_pre_processor((SIZE, SIZE)),
-        "visualizer": False,
-    }
-    arguments.update(kwargs)
-    return Aand(**arguments)
 
 
 def datamodule(root: Path, category: str = "toy") -> MVTecAD:
