@@ -83,6 +83,14 @@ def aupro(maps: np.ndarray, masks: np.ndarray) -> float:
     return float(metric.compute())
 
 
+def markdown_table(header: str, rows: list[dict[str, object]]) -> list[str]:
+    """The header line, a blank line and ``rows`` as a Markdown table (floats to 4 decimals)."""
+    lines = [header, "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return lines + [
+        "| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()) + " |" for row in rows
+    ]
+
+
 def main() -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -168,10 +176,7 @@ def main() -> None:
         f"{args.category}: {len(labels)} test images ({int(labels.sum())} defective), {model.hparams.backbone}, "
         f"input {size[0]}x{size[1]}, INT8 calibrated on {n_calibration} training images (val_split_mode=from_train)"
     )
-    lines = [header, "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += [
-        "| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()) + " |" for row in rows
-    ]
+    lines = markdown_table(header, rows)
     (args.out / "export_accuracy.md").write_text("\n".join(lines) + "\n")
     (args.out / "export_accuracy.json").write_text(
         json.dumps({"header": header, "rows": rows, "load": os.getloadavg()}, indent=1)

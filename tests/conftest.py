@@ -107,3 +107,19 @@ def tiny_aand(**kwargs: object) -> "Aand":
         "visualizer": False,
     }
     return Aand(**{**arguments, **kwargs})
+
+
+def lite0_aand(**kwargs: object) -> "Aand":
+    """Small AAND on the offline ImageNet EfficientNet-Lite0 teacher: 64 px, 1 + 5 epochs; ``kwargs`` override."""
+    from anomalib_aand import Aand
+
+    arguments = {
+        "backbone": "tf_efficientnet_lite0",
+        "layers": ("blocks.1", "blocks.2", "blocks.4"),
+        "pre_trained": True,
+        "stage1_epochs": 1,
+        "stage2_epochs": 5,
+        "num_keys": 4,
+        "pre_processor": Aand.configure_pre_processor((EXPORT_SIZE, EXPORT_SIZE)),
+    }
+    return Aand(**{**arguments, **kwargs})

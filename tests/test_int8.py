@@ -17,13 +17,13 @@ from anomalib.data import MVTecAD
 from anomalib.data.utils import ValSplitMode, read_image, read_mask
 from anomalib.deploy import CompressionType, ExportType
 from anomalib.engine import Engine
-from conftest import make_mvtec_dataset
+from conftest import EXPORT_SIZE, lite0_aand, make_mvtec_dataset
 from lightning import seed_everything
 from torchmetrics.classification import BinaryAUROC
 
 from anomalib_aand import Aand
 
-SIZE = 64
+SIZE = EXPORT_SIZE
 # One image pair swapped of 8 x 8 moves image AUROC by 1/64 = 0.016: allow three swaps. Pixel AUROC is
 # computed over ~65k pixels, so it has to stay much closer.
 IMAGE_AUROC_TOLERANCE = 0.05
@@ -45,15 +45,7 @@ def irs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         val_split_mode=ValSplitMode.FROM_TRAIN,
         val_split_ratio=0.5,
     )
-    model = Aand(
-        backbone="tf_efficientnet_lite0",
-        layers=("blocks.1", "blocks.2", "blocks.4"),
-        pre_trained=True,
-        stage1_epochs=1,
-        stage2_epochs=5,
-        num_keys=4,
-        pre_processor=Aand.configure_pre_processor((SIZE, SIZE)),
-    )
+    model = lite0_aand()
     engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu", devices=1)
     engine.fit(model, datamodule=datamodule)
     checkpoint = engine.trainer.checkpoint_callback.best_model_path
@@ -113,3 +105,18 @@ def test_int8_export_keeps_fp32_ranking(irs: dict[str, Path]) -> None:
     assert abs(_auroc(int8_maps, masks) - _auroc(fp32_maps, masks)) <= PIXEL_AUROC_TOLERANCE
     ops = {op.get_type_name() for op in ov.Core().read_model(irs["int8"]).get_ops()}
     assert "FakeQuantize" in ops
+
+
+def test_int8_keeps_depthwise_convolutions_in_float(irs: dict[str, Path]) -> None:
+    """The recipe quantises Lite0's ordinary convolutions and leaves its depthwise ones (GroupConvolution) in float."""
+    import openvino as ov
+
+    def quantised(op: "ov.Node") -> bool:  # its input activations pass a FakeQuantize (weights are input 1)
+        return op.input_value(0).get_node().get_type_name() == "FakeQuantize"
+
+    ops = ov.Core().read_model(irs["int8"]).get_ops()
+    convolutions = [op for op in ops if op.get_type_name() == "Convolution"]
+    depthwise = [op for op in ops if op.get_type_name() == "GroupConvolution"]
+    assert depthwise, "Lite0 has depthwise convolutions"
+    assert not any(quantised(op) for op in depthwise)
+    assert sum(quantised(op) for op in convolutions) > len(convolutions) // 2

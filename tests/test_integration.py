@@ -10,6 +10,7 @@ import pytest
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
+from conftest import lite0_aand
 
 from anomalib_aand import Aand
 
@@ -130,14 +131,7 @@ def test_cli_train_from_config(mvtec_root: Path, tmp_path: Path) -> None:
         "train",
         "--config",
         str(ROOT / "configs" / "mvtec_ad.yaml"),
-        "--model.backbone",
-        "resnet18",
-        "--model.pre_trained",
-        "false",
-        "--model.stage1_epochs",
-        "1",
-        "--model.stage2_epochs",
-        "1",
+        *SMALL[2:],
         "--data.root",
         str(mvtec_root),
         "--data.category",
@@ -168,15 +162,7 @@ def test_engine_fit_test_predict_and_reload(mvtec_root: Path, tmp_path: Path) ->
 
     Measured floors with margin: image AUROC 1.0 and pixel AUROC >= 0.98 on data seeds 0, 1 and 2.
     """
-    model = Aand(
-        backbone="tf_efficientnet_lite0",
-        layers=("blocks.1", "blocks.2", "blocks.4"),
-        pre_trained=True,
-        stage1_epochs=1,
-        stage2_epochs=5,
-        num_keys=4,
-        pre_processor=Aand.configure_pre_processor((64, 64)),
-    )
+    model = lite0_aand()
     datamodule = MVTecAD(root=mvtec_root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
     engine = Engine(default_root_dir=tmp_path, logger=False)
     engine.fit(model=model, datamodule=datamodule)

@@ -12,10 +12,10 @@ import torch.nn.functional as F  # noqa: N812
 import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
+from conftest import lite0_aand
 from PIL import Image
 from skimage import data as skdata
 
-from anomalib_aand import Aand
 from anomalib_aand.components.synthesis import AnomalySynthesizer, ForegroundEstimator, resolve_foreground_mask
 from anomalib_aand.components.textures import write_texture_bank
 
@@ -175,16 +175,7 @@ def test_procedural_source_blends_coloured_textures() -> None:
 
 def test_training_applies_the_per_category_choice(mvtec_root: Path, tmp_path: Path) -> None:
     """With a list, the datamodule's category decides whether stage 1 masks its anomalies."""
-    model = Aand(
-        backbone="tf_efficientnet_lite0",
-        layers=("blocks.1", "blocks.2", "blocks.4"),
-        pre_trained=False,
-        stage1_epochs=1,
-        stage2_epochs=1,
-        foreground_mask=["toy", "bottle"],
-        pre_processor=Aand.configure_pre_processor(image_size=(64, 64)),
-        visualizer=False,
-    )
+    model = lite0_aand(pre_trained=False, stage2_epochs=1, foreground_mask=["toy", "bottle"], visualizer=False)
     datamodule = MVTecAD(root=mvtec_root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
     Engine(default_root_dir=tmp_path, logger=False, devices=1, accelerator="cpu").fit(model, datamodule=datamodule)
     assert isinstance(model.synthesizer.foreground, ForegroundEstimator)

@@ -1,0 +1,160 @@
+"""Which NNCF settings keep AAND's accuracy in INT8: one trained checkpoint, several quantisation recipes.
+
+Exports the checkpoint's FP32 IR once (``Aand.to_openvino``), then quantises it with each recipe below, on the
+calibration images ``anomalib export --compression_type INT8_PTQ`` uses (the validation split taken from the
+training images), and reports image AUROC, pixel AUROC and AUPRO (FPR limit 0.3) of every IR on the category's
+test split, with the drop from FP32. Every recipe keeps the float tail of :mod:`anomalib_aand.export` (the
+cosine distance and what follows it stay in float) and adds one lever:
+
+- ``tail``: the tail alone (the package's first recipe);
+- ``minmax``: activation ranges from the min / max over all calibration images instead of NNCF's mean of the
+  per-image extremes (defects drive features past the normal range; a wider range clips them less);
+- ``mixed``: NNCF's ``MIXED`` preset (asymmetric activation ranges, for signed feature maps);
+- ``bias``: NNCF's full bias correction instead of the fast one;
+- ``float-depthwise``: Lite0's depthwise convolutions (``GroupConvolution``) left in float too (the package's
+  recipe now);
+- ``float-depthwise+minmax``, ``float-depthwise+bias``: two levers together;
+- ``minmax+mixed``: the two range levers together.
+
+    python benchmarks/int8_recipes.py --root datasets/demo --category gravel --ckpt CKPT --out results/int8_recipes
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from anomalib.data import MVTecAD
+from anomalib.data.utils import ValSplitMode
+from export_accuracy import aupro, auroc, markdown_table, test_set
+
+from anomalib_aand import Aand
+from anomalib_aand.export import float_tail
+
+
+def _recipes() -> dict[str, Callable[[Any], dict[str, Any]]]:
+    """Each recipe: a function of the FP32 ``ov.Model`` giving ``nncf.quantize`` keyword arguments."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    def tail(model: Any, types: tuple[str, ...] = ()) -> nncf.IgnoredScope:  # noqa: ANN401
+        return nncf.IgnoredScope(names=float_tail(model), types=list(types), validate=False)
+
+    minmax = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
+    return {
+        "tail": lambda m: {"ignored_scope": tail(m)},
+        "minmax": lambda m: {"ignored_scope": tail(m), "advanced_parameters": minmax},
+        "mixed": lambda m: {"ignored_scope": tail(m), "preset": nncf.QuantizationPreset.MIXED},
+        "bias": lambda m: {"ignored_scope": tail(m), "fast_bias_correction": False},
+        "float-depthwise": lambda m: {"ignored_scope": tail(m, ("GroupConvolution",))},
+        "float-depthwise+minmax": lambda m: {
+            "ignored_scope": tail(m, ("GroupConvolution",)),
+            "advanced_parameters": minmax,
+        },
+        "float-depthwise+bias": lambda m: {
+            "ignored_scope": tail(m, ("GroupConvolution",)),
+            "fast_bias_correction": False,
+        },
+        "minmax+mixed": lambda m: {
+            "ignored_scope": tail(m),
+            "preset": nncf.QuantizationPreset.MIXED,
+            "advanced_parameters": minmax,
+        },
+    }
+
+
+def evaluate(compiled: Any, images: Any, labels: np.ndarray, masks: np.ndarray) -> dict[str, float]:  # noqa: ANN401
+    """Image AUROC, pixel AUROC and AUPRO of one compiled IR on the test split."""
+    result = [compiled(image[None].numpy()) for image in images]
+    scores = np.concatenate([r["pred_score"].reshape(-1) for r in result])
+    maps = np.concatenate([r["anomaly_map"] for r in result])
+    return {"image_AUROC": auroc(scores, labels), "pixel_AUROC": auroc(maps, masks), "AUPRO": aupro(maps, masks)}
+
+
+def main() -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--category", required=True)
+    parser.add_argument("--ckpt", type=Path, required=True, help="a checkpoint trained by configs/demo.yaml")
+    parser.add_argument("--recipes", nargs="+", default=None, help="default: all")
+    parser.add_argument("--val-split-ratio", type=float, default=0.5, help="share of training images calibrating INT8")
+    parser.add_argument(
+        "--calibration-seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="seeds of the random train/validation split: each gives another calibration subset",
+    )
+    parser.add_argument("--out", type=Path, default=Path("results/int8_recipes"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import nncf
+    import openvino as ov
+
+    recipes = _recipes()
+    chosen = args.recipes or list(recipes)
+    unknown = sorted(set(chosen) - set(recipes))
+    if unknown:
+        parser.error(f"unknown recipe(s) {unknown}; choose from {list(recipes)}")
+    model = Aand.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
+    images, labels, masks = test_set(args.root, args.category, tuple(model.input_size))
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in ["FP32", *chosen]}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = core.read_model(model.to_openvino(Path(tmp)))
+        runs["FP32"].append({**evaluate(core.compile_model(fp32, "CPU", config), images, labels, masks), "seed": -1})
+        for seed in args.calibration_seeds:
+            calibration = MVTecAD(
+                root=args.root,
+                category=args.category,
+                eval_batch_size=8,
+                num_workers=0,
+                val_split_mode=ValSplitMode.FROM_TRAIN,
+                val_split_ratio=args.val_split_ratio,
+                seed=seed,
+            )
+            calibration.setup("fit")
+            for name in chosen:
+                start = time.perf_counter()
+                dataset = nncf.Dataset(calibration.val_dataloader(), lambda batch: batch["image"])
+                quantised = nncf.quantize(fp32.clone(), dataset, **recipes[name](fp32))
+                seconds = time.perf_counter() - start
+                metrics = evaluate(core.compile_model(quantised, "CPU", config), images, labels, masks)
+                runs[name].append({**metrics, "seed": seed, "quantise_s": seconds})
+                print(name, runs[name][-1], flush=True)
+    reference = runs["FP32"][0]
+    rows = []
+    for name, values in runs.items():
+        row: dict[str, object] = {"recipe": name}
+        for key in ("image_AUROC", "pixel_AUROC", "AUPRO"):
+            series = [v[key] for v in values]
+            spread = f" ± {statistics.stdev(series):.4f}" if len(series) > 1 else ""
+            row[key] = f"{statistics.fmean(series):.4f}{spread}"
+            row[f"{key} drop (worst)"] = max(reference[key] - v for v in series)
+        rows.append(row)
+    header = (
+        f"{args.category}: {len(labels)} test images ({int(labels.sum())} defective), checkpoint {args.ckpt}; INT8 "
+        f"calibrated on {len(calibration.val_dataloader().dataset)} training images (val_split_ratio "
+        f"{args.val_split_ratio}), split seeds {args.calibration_seeds}: cells are mean ± std over the seeds, "
+        f"drops the largest over the seeds. CPU {platform.processor() or platform.machine()}, "
+        f"load {os.getloadavg()[0]:.1f}"
+    )
+    lines = markdown_table(header, rows)
+    (args.out / "int8_recipes.md").write_text("\n".join(lines) + "\n")
+    (args.out / "int8_recipes.json").write_text(json.dumps({"header": header, "runs": runs}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
