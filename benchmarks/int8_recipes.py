@@ -14,6 +14,8 @@ cosine distance and what follows it stay in float) and adds one lever:
 - ``float-depthwise``: Lite0's depthwise convolutions (``GroupConvolution``) left in float too (the package's
   recipe now);
 - ``float-depthwise+minmax``, ``float-depthwise+bias``: two levers together;
+- ``float-fine``: ``float-depthwise`` and every convolution at the finest feature scale's resolution or above
+  (output of at least 64 x 64 positions: teacher stem to the stride-4 layer, RAA and student at that scale);
 - ``minmax+mixed``: the two range levers together.
 
     python benchmarks/int8_recipes.py --root datasets/demo --category gravel --ckpt CKPT --out results/int8_recipes
@@ -48,6 +50,17 @@ def _recipes() -> dict[str, Callable[[Any], dict[str, Any]]]:
     def tail(model: Any, types: tuple[str, ...] = ()) -> nncf.IgnoredScope:  # noqa: ANN401
         return nncf.IgnoredScope(names=float_tail(model), types=list(types), validate=False)
 
+    def fine(model: Any) -> list[str]:  # noqa: ANN401
+        """Convolutions whose output has at least the finest feature scale's resolution (stride <= 4 at 256 px)."""
+        names = []
+        for op in model.get_ordered_ops():
+            shape = op.get_output_partial_shape(0)
+            if op.get_type_name() in {"Convolution", "GroupConvolution"} and shape.rank.get_length() == 4:
+                height, width = shape[2], shape[3]
+                if height.is_static and width.is_static and height.get_length() * width.get_length() >= 64 * 64:
+                    names.append(op.get_friendly_name())
+        return names
+
     minmax = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
     return {
         "tail": lambda m: {"ignored_scope": tail(m)},
@@ -62,6 +75,11 @@ def _recipes() -> dict[str, Callable[[Any], dict[str, Any]]]:
         "float-depthwise+bias": lambda m: {
             "ignored_scope": tail(m, ("GroupConvolution",)),
             "fast_bias_correction": False,
+        },
+        "float-fine": lambda m: {
+            "ignored_scope": nncf.IgnoredScope(
+                names=float_tail(m) + fine(m), types=["GroupConvolution"], validate=False
+            )
         },
         "minmax+mixed": lambda m: {
             "ignored_scope": tail(m),
