@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,6 +65,27 @@ def test_set(root: Path, category: str, size: tuple[int, int]) -> tuple[torch.Te
         )
         masks.append(torch.nn.functional.interpolate(mask, size=size, mode="nearest")[0, 0].numpy() > 0.5)
     return torch.stack(images), np.asarray(labels), np.stack(masks)
+
+
+def calibration_data(root: Path, category: str, val_split_ratio: float, seed: int | None = None) -> MVTecAD:
+    """The datamodule `anomalib export --compression_type INT8_PTQ` gets: a validation split of training images."""
+    return MVTecAD(
+        root=root,
+        category=category,
+        eval_batch_size=8,
+        num_workers=0,
+        val_split_mode=ValSplitMode.FROM_TRAIN,
+        val_split_ratio=val_split_ratio,
+        seed=seed,
+    )
+
+
+def predict(compiled: Any, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN401
+    """Scores and anomaly maps of a compiled OpenVINO IR, one image at a time."""
+    result = [compiled(image[None].numpy()) for image in images]
+    return np.concatenate([r["pred_score"].reshape(-1) for r in result]), np.concatenate(
+        [r["anomaly_map"] for r in result]
+    )
 
 
 def auroc(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -116,14 +138,7 @@ def main() -> None:
         model = Aand.load_from_checkpoint(checkpoint, map_location="cpu").eval()
         size = tuple(model.input_size)
         images, labels, masks = test_set(args.root, args.category, size)
-        calibration = MVTecAD(
-            root=args.root,
-            category=args.category,
-            eval_batch_size=8,
-            num_workers=0,
-            val_split_mode=ValSplitMode.FROM_TRAIN,
-            val_split_ratio=args.val_split_ratio,
-        )
+        calibration = calibration_data(args.root, args.category, args.val_split_ratio)
         xml = {
             "fp32": model.to_openvino(workdir / "fp32"),
             "fp16": model.to_openvino(workdir / "fp16", compression_type=CompressionType.FP16),
@@ -152,12 +167,8 @@ def main() -> None:
         names = {"fp32": "OpenVINO FP32", "fp16": "OpenVINO FP16", "int8": "OpenVINO INT8 (AAND recipe)"}
         names["int8 nncf defaults"] = "OpenVINO INT8 (NNCF defaults = anomalib 2.7)"
         for key, name in names.items():
-            compiled = core.compile_model(xml[key], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-            result = [compiled(image[None].numpy()) for image in images]
-            outputs[name] = {
-                "pred_score": np.concatenate([r["pred_score"].reshape(-1) for r in result]),
-                "anomaly_map": np.concatenate([r["anomaly_map"] for r in result]),
-            }
+            scores, maps = predict(core.compile_model(xml[key], "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), images)
+            outputs[name] = {"pred_score": scores, "anomaly_map": maps}
     reference = outputs["OpenVINO FP32"]
     rows = []
     for name, out in outputs.items():

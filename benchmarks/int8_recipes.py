@@ -33,9 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from anomalib.data import MVTecAD
-from anomalib.data.utils import ValSplitMode
-from export_accuracy import aupro, auroc, markdown_table, test_set
+from export_accuracy import aupro, auroc, calibration_data, markdown_table, predict, test_set
 
 from anomalib_aand import Aand
 from anomalib_aand.export import float_tail
@@ -47,8 +45,8 @@ def _recipes() -> dict[str, Callable[[Any], dict[str, Any]]]:
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-    def tail(model: Any, types: tuple[str, ...] = ()) -> nncf.IgnoredScope:  # noqa: ANN401
-        return nncf.IgnoredScope(names=float_tail(model), types=list(types), validate=False)
+    def tail(model: Any, types: tuple[str, ...] = (), names: list[str] | None = None) -> nncf.IgnoredScope:  # noqa: ANN401
+        return nncf.IgnoredScope(names=float_tail(model) + (names or []), types=list(types), validate=False)
 
     def fine(model: Any) -> list[str]:  # noqa: ANN401
         """Convolutions whose output has at least the finest feature scale's resolution (stride <= 4 at 256 px)."""
@@ -76,11 +74,7 @@ def _recipes() -> dict[str, Callable[[Any], dict[str, Any]]]:
             "ignored_scope": tail(m, ("GroupConvolution",)),
             "fast_bias_correction": False,
         },
-        "float-fine": lambda m: {
-            "ignored_scope": nncf.IgnoredScope(
-                names=float_tail(m) + fine(m), types=["GroupConvolution"], validate=False
-            )
-        },
+        "float-fine": lambda m: {"ignored_scope": tail(m, ("GroupConvolution",), fine(m))},
         "minmax+mixed": lambda m: {
             "ignored_scope": tail(m),
             "preset": nncf.QuantizationPreset.MIXED,
@@ -91,9 +85,7 @@ def _recipes() -> dict[str, Callable[[Any], dict[str, Any]]]:
 
 def evaluate(compiled: Any, images: Any, labels: np.ndarray, masks: np.ndarray) -> dict[str, float]:  # noqa: ANN401
     """Image AUROC, pixel AUROC and AUPRO of one compiled IR on the test split."""
-    result = [compiled(image[None].numpy()) for image in images]
-    scores = np.concatenate([r["pred_score"].reshape(-1) for r in result])
-    maps = np.concatenate([r["anomaly_map"] for r in result])
+    scores, maps = predict(compiled, images)
     return {"image_AUROC": auroc(scores, labels), "pixel_AUROC": auroc(maps, masks), "AUPRO": aupro(maps, masks)}
 
 
@@ -133,15 +125,7 @@ def main() -> None:
         fp32 = core.read_model(model.to_openvino(Path(tmp)))
         runs["FP32"].append({**evaluate(core.compile_model(fp32, "CPU", config), images, labels, masks), "seed": -1})
         for seed in args.calibration_seeds:
-            calibration = MVTecAD(
-                root=args.root,
-                category=args.category,
-                eval_batch_size=8,
-                num_workers=0,
-                val_split_mode=ValSplitMode.FROM_TRAIN,
-                val_split_ratio=args.val_split_ratio,
-                seed=seed,
-            )
+            calibration = calibration_data(args.root, args.category, args.val_split_ratio, seed)
             calibration.setup("fit")
             for name in chosen:
                 start = time.perf_counter()
