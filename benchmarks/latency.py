@@ -87,8 +87,8 @@ def probe_flops(inputs: tuple[int, ...], weights: tuple[int, ...]) -> float:
     return 2.0 * batch * weights[0] * height * width * channels * weights[2] * weights[3]
 
 
-def measure_peak(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """G(FL)OP/s of every probe in :data:`PEAK_PROBES` per runtime, and each runtime's peak (its fastest probe).
+def measure_probes(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """G(FL)OP/s of every probe in :data:`PEAK_PROBES` per runtime (``{probe: {runtime: rate}}``).
 
     int8 is the probe quantised by NNCF (int8 inputs and weights), compiled like the models' INT8 IRs.
     """
@@ -125,8 +125,7 @@ def measure_peak(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             seconds["torch float32"] = median_ms_per_image(run, 1, args.warmup, args.repeats) / 1e3
         probes[probe] = {name: probe_flops(inputs, weights) / s / 1e9 for name, s in seconds.items()}
         print(probe, {k: round(v, 1) for k, v in probes[probe].items()}, "G(FL)OP/s", flush=True)
-    peak = {name: max(rates[name] for rates in probes.values()) for name in PEAK_RUNTIMES}
-    return {"peak": peak, **probes}
+    return probes
 
 
 def load_average() -> str:
@@ -224,8 +223,7 @@ def write_report(rows: list[dict[str, object]], out: Path, header: str, probes: 
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    probes = dict(probes)
-    peak = probes.pop("peak")
+    peak = {name: max(rates[name] for rates in probes.values()) for name in PEAK_RUNTIMES}
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "latency.csv", index=False)
     lines = [header, "", "ms per image (median), 256 px; speed-up over torch eager in brackets.", ""]
@@ -321,7 +319,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     loads = [load_average()]
-    peak = measure_peak(args)
+    probes = measure_probes(args)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for backbone in args.teachers:
@@ -333,7 +331,7 @@ def main() -> None:
                     f"({torch.get_num_threads()} threads); INT8 recipe {args.int8_recipe!r}; "
                     f"load average (1/5/15 min) during the run: {loads[0]} ... {loads[-1]}"
                 )
-                write_report(rows, args.out, header, peak)  # after every model, so an interrupted run keeps its rows
+                write_report(rows, args.out, header, probes)  # after every model, so an interrupted run keeps its rows
 
 
 if __name__ == "__main__":
