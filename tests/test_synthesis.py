@@ -2,6 +2,8 @@
 
 import copy
 import gc
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -159,18 +161,18 @@ def test_texture_bank_is_colourful_and_varied(tmp_path: Path) -> None:
     assert min(np.abs(a - b).mean() for i, a in enumerate(images) for b in images[i + 1 :]) > 0.02  # all differ
 
 
+def anomaly_colourfulness(synthesizer: AnomalySynthesizer) -> float:
+    """Mean spread across colour channels inside the anomalies ``synthesizer`` adds to a grey batch."""
+    augmented, mask, _ = synthesizer(torch.full((6, 3, 64, 64), 0.5))
+    inside = mask.expand_as(augmented) > 0
+    return float(augmented.std(dim=1, keepdim=True).expand_as(augmented)[inside].mean())
+
+
 def test_procedural_source_blends_coloured_textures() -> None:
     """Noise anomalies are grey; 'procedural' ones carry the textures' colours."""
     torch.manual_seed(0)
-    pixels = torch.full((6, 3, 64, 64), 0.5)
-
-    def colourfulness(source: str | None) -> float:
-        augmented, mask, _ = AnomalySynthesizer(probability=1.0, anomaly_source_path=source)(pixels)
-        inside = mask.expand_as(augmented) > 0
-        return float(augmented.std(dim=1, keepdim=True).expand_as(augmented)[inside].mean())
-
-    assert colourfulness(None) < 0.02
-    assert colourfulness("procedural") > 0.05
+    assert anomaly_colourfulness(AnomalySynthesizer(probability=1.0, anomaly_source_path=None)) < 0.02
+    assert anomaly_colourfulness(AnomalySynthesizer(probability=1.0, anomaly_source_path="procedural")) > 0.05
 
 
 def test_training_applies_the_per_category_choice(mvtec_root: Path, tmp_path: Path) -> None:
@@ -181,11 +183,19 @@ def test_training_applies_the_per_category_choice(mvtec_root: Path, tmp_path: Pa
     assert isinstance(model.synthesizer.foreground, ForegroundEstimator)
 
 
-def test_procedural_bank_is_removed_with_the_synthesizer() -> None:
-    synthesizer = AnomalySynthesizer(anomaly_source_path="procedural")
-    folder = Path(synthesizer.texture_bank)
-    assert len(list(folder.glob("*.png"))) > 0
-    copy.deepcopy(synthesizer)  # a model holding it can be copied
+def test_copy_of_a_procedural_synthesizer_outlives_the_original() -> None:
+    """A copied model keeps drawing textured anomalies after the model it was copied from is gone."""
+    torch.manual_seed(0)
+    synthesizer = AnomalySynthesizer(probability=1.0, anomaly_source_path="procedural")
+    copied = copy.deepcopy(synthesizer)
     del synthesizer
     gc.collect()
+    assert anomaly_colourfulness(copied) > 0.05
+
+
+def test_procedural_bank_is_removed_at_exit() -> None:
+    code = "from anomalib_aand.components.synthesis import procedural_texture_bank as b; print(b())"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    folder = Path(run.stdout.strip().splitlines()[-1])
+    assert folder.name.startswith("aand_textures_")
     assert not folder.exists()

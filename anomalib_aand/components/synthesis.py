@@ -6,10 +6,11 @@ an anomaly that falls (almost) entirely on background is drawn again, up to ``MA
 the share of anomalous images stays at ``probability``.
 """
 
+import atexit
+import functools
 import logging
 import shutil
 import tempfile
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,13 +121,25 @@ def resolve_foreground_mask(setting: bool | Sequence[str], datamodule: Any) -> b
     return masked
 
 
+@functools.cache
+def procedural_texture_bank() -> Path:
+    """The process's procedural texture bank: written once into a temporary folder, removed at interpreter exit.
+
+    One bank per process rather than per synthesizer, so that copies of a model (``copy.deepcopy``, Lightning's
+    strategies) keep reading textures after the original is gone.
+    """
+    folder = tempfile.mkdtemp(prefix="aand_textures_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return write_texture_bank(folder)
+
+
 class AnomalySynthesizer(nn.Module):
     """Add synthetic anomalies to a normalised batch.
 
     Args:
         probability: Share of images that get an anomaly (paper: 0.8).
-        anomaly_source_path: Folder of texture images blended into the anomalies; ``"procedural"`` generates a
-            bank of textures (``components.textures``) in a temporary folder; ``None`` blends noise.
+        anomaly_source_path: Folder of texture images blended into the anomalies; ``"procedural"`` uses the
+            process's bank of generated textures (``procedural_texture_bank``); ``None`` blends noise.
         foreground_mask: Restrict anomalies to the automatic foreground (``ForegroundEstimator``).
         mean: Per-channel mean of the pre-processor's Normalize; ``None`` when images are in [0, 1].
         std: Per-channel std of the pre-processor's Normalize.
@@ -142,11 +155,8 @@ class AnomalySynthesizer(nn.Module):
     ) -> None:
         super().__init__()
         check_anomaly_source(anomaly_source_path)
-        self.texture_bank: str | None = None  # a plain path: the module stays deep-copyable
         if anomaly_source_path == PROCEDURAL:
-            self.texture_bank = tempfile.mkdtemp(prefix="aand_textures_")
-            weakref.finalize(self, shutil.rmtree, self.texture_bank, ignore_errors=True)
-            anomaly_source_path = write_texture_bank(self.texture_bank)
+            anomaly_source_path = procedural_texture_bank()
         self.probability = probability
         # the generator always draws an anomaly; which images get one is decided here, so retries keep the share
         self.generator = PerlinAnomalyGenerator(
