@@ -89,8 +89,14 @@ def predict(compiled: Any, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray
 
 
 def auroc(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Area under the ROC curve."""
-    return float(BinaryAUROC()(torch.as_tensor(scores).flatten(), torch.as_tensor(targets).flatten().long()))
+    """Area under the ROC curve.
+
+    Scores are first rescaled to [0, 1] (which keeps their order): torchmetrics applies a sigmoid to scores
+    outside [0, 1], and in float32 that turns large raw scores (PatchCore's 10-45) into ties.
+    """
+    values = torch.as_tensor(scores).flatten().double()
+    values = (values - values.min()) / (values.max() - values.min()).clamp_min(1e-12)
+    return float(BinaryAUROC()(values, torch.as_tensor(targets).flatten().long()))
 
 
 def aupro(maps: np.ndarray, masks: np.ndarray) -> float:
