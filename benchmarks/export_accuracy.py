@@ -26,7 +26,7 @@ from anomalib.data.utils import ValSplitMode, read_image, read_mask
 from anomalib.deploy import CompressionType
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO
-from torchmetrics.classification import BinaryAUROC
+from scipy.stats import rankdata
 
 from anomalib_aand import Aand
 
@@ -89,14 +89,19 @@ def predict(compiled: Any, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray
 
 
 def auroc(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Area under the ROC curve.
+    """Area under the ROC curve from ranks (ties share their mean rank); NaN for non-finite scores or one class.
 
-    Scores are first rescaled to [0, 1] (which keeps their order): torchmetrics applies a sigmoid to scores
-    outside [0, 1], and in float32 that turns large raw scores (PatchCore's 10-45) into ties.
+    Exact for scores of any range: torchmetrics' BinaryAUROC passes scores outside [0, 1] through a sigmoid,
+    which in float32 turns large raw scores (PatchCore's 10-45) into ties.
     """
-    values = torch.as_tensor(scores).flatten().double()
-    values = (values - values.min()) / (values.max() - values.min()).clamp_min(1e-12)
-    return float(BinaryAUROC()(values, torch.as_tensor(targets).flatten().long()))
+    values = np.asarray(scores, np.float64).ravel()
+    labels = np.asarray(targets).ravel().astype(bool)
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    if positives == 0 or negatives == 0 or not np.isfinite(values).all():
+        return float("nan")
+    ranks = rankdata(values)
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def aupro(maps: np.ndarray, masks: np.ndarray) -> float:

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from anomalib.data.utils import read_image
+from export_accuracy import auroc
 from torch import nn
-from torchmetrics.classification import BinaryAUROC
 
 from anomalib_aand import Aand
 
@@ -77,13 +77,6 @@ def load(paths: list[Path], size: tuple[int, int]) -> torch.Tensor:
     return torch.stack(
         [F.interpolate(read_image(p, as_tensor=True)[None], size=size, mode="bilinear")[0] for p in paths]
     )
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve; NaN for non-finite scores."""
-    if not np.isfinite(scores).all():
-        return float("nan")
-    return float(BinaryAUROC()(torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels).long()))
 
 
 def image_signal(values: np.ndarray) -> np.ndarray:

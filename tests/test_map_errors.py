@@ -1,25 +1,18 @@
 """benchmarks/map_errors.py: false positives are attributed to the region (outline, object, table) they lie in."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 from scipy import ndimage
 
 from anomalib_aand.tools.demo import generate_category, object_masks
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "map_errors.py"
-
 
 @pytest.fixture(scope="module")
 def map_errors():
-    spec = importlib.util.spec_from_file_location("map_errors_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("map_errors")
 
 
 def test_regions_partition_the_image(map_errors) -> None:

@@ -1,26 +1,17 @@
 """benchmarks/masked_maps.py: masking a test map outside the object removes background false positives."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 from anomalib_aand.tools.demo import generate_category, object_masks
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def masked_maps():
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("masked_maps_benchmark", BENCHMARKS / "masked_maps.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.path.remove(str(BENCHMARKS))
+    return load_benchmark("masked_maps")
 
 
 def test_background_responses_are_removed_by_the_silhouette(masked_maps, tmp_path: Path) -> None:

@@ -1,22 +1,13 @@
 """benchmarks/teacher_features.py: background feature coherence and norms are measured where the silhouette says."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "teacher_features.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def teacher_features():
-    spec = importlib.util.spec_from_file_location("teacher_features_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("teacher_features")
 
 
 def test_coherent_background_and_noisy_background_are_told_apart(teacher_features) -> None:
