@@ -107,16 +107,27 @@ def test_int8_export_keeps_fp32_ranking(irs: dict[str, Path]) -> None:
     assert "FakeQuantize" in ops
 
 
-def test_int8_keeps_depthwise_convolutions_in_float(irs: dict[str, Path]) -> None:
-    """The recipe quantises Lite0's ordinary convolutions and leaves its depthwise ones (GroupConvolution) in float."""
+def test_int8_keeps_depthwise_and_early_fine_convolutions_in_float(irs: dict[str, Path]) -> None:
+    """Depthwise convolutions and the teacher's stem stay in float; the student's last convolution at the finest
+    scale (Lite0 blocks.1: stride 4) and most convolutions of the coarser scales are quantised."""
     import openvino as ov
 
     def quantised(op: "ov.Node") -> bool:  # its input activations pass a FakeQuantize (weights are input 1)
         return op.input_value(0).get_node().get_type_name() == "FakeQuantize"
 
-    ops = ov.Core().read_model(irs["int8"]).get_ops()
-    convolutions = [op for op in ops if op.get_type_name() == "Convolution"]
+    def size(op: "ov.Node") -> int:
+        shape = op.get_output_partial_shape(0)
+        return shape[2].get_length() * shape[3].get_length()
+
+    finest = (SIZE // 4) ** 2
+    ops = ov.Core().read_model(irs["int8"]).get_ordered_ops()
     depthwise = [op for op in ops if op.get_type_name() == "GroupConvolution"]
+    convolutions = [op for op in ops if op.get_type_name() == "Convolution" and op.get_output_partial_shape(0)[1] != 1]
+    stem = convolutions[0]  # ordered: the first reads the pre-processed image
+    student_last = [op for op in convolutions if size(op) == finest][-1]
+    coarse = [op for op in convolutions if size(op) < finest]
     assert depthwise, "Lite0 has depthwise convolutions"
-    assert not any(quantised(op) for op in depthwise)
-    assert sum(quantised(op) for op in convolutions) > len(convolutions) // 2
+    assert stem.input_value(1).get_partial_shape()[1] == 3, "the stem reads RGB"
+    assert not any(quantised(op) for op in [*depthwise, stem])
+    assert quantised(student_last)
+    assert sum(quantised(op) for op in coarse) > len(coarse) // 2

@@ -1,0 +1,39 @@
+"""INT8 calibration data: each normal batch, then a copy with a synthetic anomaly (anomalib_aand.export)."""
+
+import torch
+
+from anomalib_aand.export import SyntheticAnomalyCalibration
+
+
+def _batches() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.rand(4, 3, 32, 32, generator=generator) * 0.2 + 0.4 for _ in range(3)]
+
+
+def test_calibration_adds_an_anomalous_copy_of_every_image() -> None:
+    """Each normal batch comes unchanged, then its copy, which differs in part of each image; pixels in [0, 1]."""
+    batches = _batches()
+    calibration = list(
+        SyntheticAnomalyCalibration([{"image": b} for b in batches], transform=lambda item: item["image"])
+    )
+    assert len(calibration) == 2 * len(batches)
+    for normal, given, anomalous in zip(calibration[0::2], batches, calibration[1::2], strict=True):
+        assert torch.equal(normal, given)
+        changed = (anomalous - given).abs().amax(dim=1) > 1e-3  # (B, H, W)
+        assert changed.flatten(1).any(dim=1).all(), "every copy has an anomaly"
+        assert changed.float().mean() < 0.9, "an anomaly covers part of the image, not all of it"
+        assert anomalous.min() >= 0
+        assert anomalous.max() <= 1
+
+
+def test_calibration_repeats_across_passes_and_leaves_the_random_state_alone() -> None:
+    """Two passes (NNCF makes several) give the same anomalies; the caller's torch random sequence is not moved."""
+    calibration = SyntheticAnomalyCalibration(_batches())
+    torch.manual_seed(123)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    first = list(calibration)
+    after = torch.rand(5)
+    second = list(calibration)
+    assert torch.equal(after, expected)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
