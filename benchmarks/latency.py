@@ -128,6 +128,24 @@ def measure_probes(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return probes
 
 
+def int8_conv_share(model: object) -> float:
+    """Share of an IR's convolution multiply-adds whose input activations are quantised (run in int8)."""
+    total = quantised = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in {"Convolution", "GroupConvolution"}:
+            continue
+        out, weights = op.get_output_partial_shape(0), op.input_value(1).get_partial_shape()
+        if not all(out[i].is_static for i in (1, 2, 3)):
+            continue
+        per_output = 1
+        for dim in list(weights)[-3:]:  # (in channels per group, kh, kw) of OIHW or GOIHW weights
+            per_output *= dim.get_length()
+        macs = out[1].get_length() * out[2].get_length() * out[3].get_length() * per_output
+        total += macs
+        quantised += macs * (op.input_value(0).get_node().get_type_name() == "FakeQuantize")
+    return quantised / total
+
+
 def load_average() -> str:
     """1/5/15-minute load averages: other processes on the machine slow every timing."""
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -195,6 +213,7 @@ def measure(backbone: str, amplification: bool, args: argparse.Namespace, workdi
     fp32 = core.read_model(xml)
     ov.save_model(fp32, export_root / "fp16.xml", compress_to_fp16=True)
     int8 = quantize(fp32, calibration_images(args.calibration, args.calibration_size), recipe=args.int8_recipe)
+    row["int8_conv_share"] = int8_conv_share(int8)
     compiled = {
         "OpenVINO FP32": core.compile_model(fp32, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **threads}),
         "OpenVINO FP16": core.compile_model(
@@ -227,12 +246,13 @@ def write_report(rows: list[dict[str, object]], out: Path, header: str, probes: 
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "latency.csv", index=False)
     lines = [header, "", "ms per image (median), 256 px; speed-up over torch eager in brackets.", ""]
-    columns = ["teacher", "model", "params (M)", "GFLOPs"]
+    columns = ["teacher", "model", "params (M)", "GFLOPs", "conv MACs in int8"]
     for batch in BATCHES:
         columns += [f"{SHORT[r]} b{batch}" for r in RUNTIMES] + [f"INT8/FP32 b{batch}"]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = [str(row["teacher"]), str(row["model"]), f"{row['params_M']:.2f}", f"{row['GFLOPs']:.2f}"]
+        cells.append(f"{row['int8_conv_share']:.0%}")
         for batch in BATCHES:
             eager = row[f"torch eager b{batch}"]
             cells.append(f"{eager:.1f}")
