@@ -58,6 +58,15 @@ def _fit(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(shape[::-1], Image.NEAREST)) > 127
 
 
+def saved_maps(maps: Path, model: str, category: str, seed: int) -> Path:
+    """The map file ``accuracy.py --save-maps`` wrote for (model, category, seed); exits with advice when missing."""
+    maps_file = maps / model / f"{category}-seed{seed}.npz"
+    if not maps_file.is_file():
+        msg = f"{maps_file} is missing; run benchmarks/accuracy.py with --save-maps for {model} on {category}."
+        raise SystemExit(msg)
+    return maps_file
+
+
 def analyse(maps_file: Path, silhouettes: dict[str, np.ndarray], fpr: float, band: int) -> dict:
     """False-positive split by region and pixel AUROC (all pixels / object and outline band) for one map file."""
     with np.load(maps_file) as stored:
@@ -153,12 +162,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     results: dict = {}
     for model in args.models:
         for category in args.categories:
-            maps_file = args.maps / model / f"{category}-seed{args.seed}.npz"
-            if not maps_file.is_file():
-                msg = f"{maps_file} is missing; run benchmarks/accuracy.py with --save-maps for {model} on {category}."
-                raise FileNotFoundError(msg)
             silhouettes = object_masks(data_root(args.data, category, args.seed) / category)
-            found = analyse(maps_file, silhouettes, args.fpr, args.band)
+            found = analyse(saved_maps(args.maps, model, category, args.seed), silhouettes, args.fpr, args.band)
             results.setdefault(model, {})[category] = found
     table = report(results, args.fpr, args.band)
     output = args.output or args.maps.parent

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from accuracy import data_root
 from export_accuracy import aupro, auroc
-from map_errors import image_key
+from map_errors import image_key, saved_maps
 from PIL import Image
 
 from anomalib_aand.components.synthesis import ForegroundEstimator
@@ -114,10 +114,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     for model in args.models:
         for category in args.categories:
             for seed in args.seeds:
-                maps_file = args.maps / model / f"{category}-seed{seed}.npz"
-                if not maps_file.is_file():
-                    msg = f"{maps_file} is missing; run benchmarks/accuracy.py --save-maps for {model} on {category}."
-                    raise SystemExit(msg)
+                maps_file = saved_maps(args.maps, model, category, seed)
                 found = evaluate(maps_file, object_masks(data_root(args.data, category, seed) / category), args.margin)
                 results.setdefault((model, category), {})[seed] = found
     table = report(results, args.seeds, args.margin)
