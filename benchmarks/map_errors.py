@@ -162,8 +162,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     results: dict = {}
     for model in args.models:
         for category in args.categories:
+            maps_file = saved_maps(args.maps, model, category, args.seed)
             silhouettes = object_masks(data_root(args.data, category, args.seed) / category)
-            found = analyse(saved_maps(args.maps, model, category, args.seed), silhouettes, args.fpr, args.band)
+            found = analyse(maps_file, silhouettes, args.fpr, args.band)
             results.setdefault(model, {})[category] = found
     table = report(results, args.fpr, args.band)
     output = args.output or args.maps.parent
