@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from anomalib import LearningType
+from anomalib import LearningType, TaskType
 from anomalib.data import AnomalibDataModule, Batch
 from anomalib.deploy import CompressionType
 from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Max, F1Score
@@ -23,6 +23,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
+from torchmetrics import Metric
 
 from .components.checks import (
     check_checkpoint,
@@ -36,7 +37,7 @@ from .components.checks import (
 from .components.feature_cache import Stage2Targets
 from .components.synthesis import AnomalySynthesizer
 from .components.teacher import load_teacher_weights, teacher_pre_processor
-from .export import quantize_openvino_ir
+from .export import accuracy_control_metric, quantize_openvino_ir
 from .loss import AmplificationLoss, DistillationLoss
 from .torch_model import AandModel
 from .workarounds import (
@@ -313,13 +314,26 @@ class Aand(AnomalibModule):
         input_size: tuple[int, int] | None = None,
         compression_type: CompressionType | None = None,
         datamodule: AnomalibDataModule | None = None,
+        metric: Metric | str | None = None,
+        task: TaskType | None = None,
+        max_drop: float = 0.01,
         **kwargs: Any,  # noqa: ANN401  (passed on to anomalib)
     ) -> Path:
-        """Anomalib's OpenVINO export; ``INT8_PTQ`` quantises with AAND's recipe (:mod:`anomalib_aand.export`)."""
-        if compression_type != CompressionType.INT8_PTQ:
-            return super().to_openvino(export_root, model_file_name, input_size, compression_type, datamodule, **kwargs)
+        """Anomalib's OpenVINO export; ``INT8_PTQ`` and ``INT8_ACQ`` quantise with AAND's recipe.
+
+        See :mod:`anomalib_aand.export`; ``INT8_ACQ`` then runs NNCF's accuracy control with ``metric`` and
+        ``max_drop`` on the datamodule's test split, as anomalib does.
+        """
+        if compression_type not in {CompressionType.INT8_PTQ, CompressionType.INT8_ACQ}:
+            return super().to_openvino(
+                export_root, model_file_name, input_size, compression_type, datamodule, metric, task, max_drop, **kwargs
+            )
+        if compression_type == CompressionType.INT8_ACQ:
+            metric = accuracy_control_metric(metric, max_drop)  # checked before anything is written
         xml = super().to_openvino(export_root, model_file_name, input_size, None, datamodule, **kwargs)
-        return quantize_openvino_ir(Path(xml), datamodule)
+        if compression_type == CompressionType.INT8_PTQ:
+            return quantize_openvino_ir(Path(xml), datamodule)
+        return quantize_openvino_ir(Path(xml), datamodule, accuracy_control=metric, max_drop=max_drop)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -124,3 +124,18 @@ def test_dynamic_export_without_resize_names_working_sizes(tmp_path: Path) -> No
     with pytest.raises(ValueError, match=r"100x100.*multiples of 32"):
         model.to_onnx(tmp_path, input_size=(100, 100))
     assert not list(tmp_path.rglob("*.onnx"))
+
+
+def test_int8_acq_with_a_metric_name_or_bad_max_drop_fails_before_writing(tmp_path: Path) -> None:
+    """``anomalib export --metric AUROC`` hands over a bare name: a clear error, and no IR is written."""
+    from anomalib.deploy import CompressionType
+    from anomalib.metrics import AUROC
+
+    model = Aand(backbone="resnet18", pre_trained=False, stage1_epochs=0, stage2_epochs=1)
+    with pytest.raises(TypeError, match=r"--metric anomalib\.metrics\.AUROC --metric\.fields"):
+        model.to_openvino(tmp_path, compression_type=CompressionType.INT8_ACQ, metric="AUROC")
+    with pytest.raises(ValueError, match=r"max_drop must be between 0 and 1"):
+        model.to_openvino(
+            tmp_path, compression_type=CompressionType.INT8_ACQ, metric=AUROC(fields=["pred_score"]), max_drop=5.0
+        )
+    assert not list(tmp_path.rglob("*.xml"))
