@@ -272,6 +272,26 @@ def accuracy_control_metric(metric: "Metric | str | None", max_drop: float) -> "
     return metric or F1Score(fields=["pred_label", "gt_label"])
 
 
+def clamp_normalised_outputs(model: "ov.Model") -> "ov.Model":
+    """End ``pred_score`` and ``anomaly_map`` with a clamp to [0, 1], the range anomalib's normalisation promises.
+
+    Workaround: the OpenVINO 2026.4 CPU plugin runs the float tail of an INT8 IR so that clamped normalised
+    scores come out up to one float32 step above 1.0 (1.0000001; the FP32 IR gives 1.0). torchmetrics 1.x's
+    binary metrics, which anomalib's wrap, take a batch with any value outside [0, 1] for logits and pass the
+    whole batch through a sigmoid, so a metric updated batch by batch (anomalib's ``INT8_ACQ`` validation, an
+    evaluation of the IR's outputs) mixes two scales. Added before quantisation, the clamp stays in the float
+    tail and runs last.
+    """
+    from openvino import opset13
+
+    for result in model.get_results():
+        if result.get_friendly_name().split("/")[0] in {"pred_score", "anomaly_map"}:
+            clamp = opset13.clamp(result.input_value(0), 0.0, 1.0)
+            result.input(0).replace_source_output(clamp.output(0))
+    model.validate_nodes_and_infer_types()
+    return model
+
+
 def quantize_openvino_ir(
     xml: Path,
     datamodule: "AnomalibDataModule | None",
@@ -294,7 +314,7 @@ def quantize_openvino_ir(
         )
         raise ValueError(msg)
     datamodule.setup("fit")
-    model = ov.Core().read_model(xml)
+    model = clamp_normalised_outputs(ov.Core().read_model(xml))
     images = datamodule.val_dataloader()
     if accuracy_control is None:
         quantized = quantize(model, images, transform=lambda batch: batch["image"])

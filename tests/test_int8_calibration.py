@@ -1,5 +1,6 @@
-"""INT8 calibration data: each normal batch, then a copy with a synthetic anomaly (anomalib_aand.export)."""
+"""INT8 calibration data (normal batches, each with an anomalous copy) and the output clamp (anomalib_aand.export)."""
 
+import numpy as np
 import torch
 
 from anomalib_aand.export import SyntheticAnomalyCalibration
@@ -37,3 +38,25 @@ def test_calibration_repeats_across_passes_and_leaves_the_random_state_alone() -
     second = list(calibration)
     assert torch.equal(after, expected)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_normalised_outputs_are_clamped_to_the_unit_range_and_keep_their_names() -> None:
+    """Scores a float step above 1.0 (what the CPU plugin gave INT8 IRs) come out as 1.0; other outputs untouched."""
+    import openvino as ov
+    from openvino import opset13
+
+    from anomalib_aand.export import clamp_normalised_outputs
+
+    image = opset13.parameter([2], np.float32, name="input")
+    outputs = {name: opset13.multiply(image, np.float32(1.0), name=name) for name in ("pred_score", "pred_label")}
+    model = ov.Model(
+        [opset13.result(node, name=f"{name}/sink_port_0") for name, node in outputs.items()], [image], "toy"
+    )
+    for name, output in zip(outputs, model.outputs, strict=True):
+        output.get_tensor().set_names({name})
+    compiled = ov.Core().compile_model(clamp_normalised_outputs(model), "CPU")
+    values = np.asarray([np.nextafter(np.float32(1), np.float32(2)), np.float32(-1e-7)], np.float32)
+    result = compiled(values)
+    assert [output.get_any_name() for output in compiled.outputs] == ["pred_score", "pred_label"]
+    np.testing.assert_array_equal(result["pred_score"], [1.0, 0.0])
+    np.testing.assert_array_equal(result["pred_label"], values)
