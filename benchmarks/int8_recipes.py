@@ -19,6 +19,10 @@ cosine distance and what follows it stay in float) and adds one lever:
 - ``float-fine-student``: ``float-depthwise`` and only the student's last convolutions at the finest scale
   (``float-fine`` without the convolutions the package keeps in float);
 - ``minmax+mixed``: the two range levers together;
+- ``package+overflow``: the package's float operations, and every quantised convolution's weights on 7 bits
+  (NNCF's ``overflow_fix=ENABLE``; its default does it for the first layer only): CPUs without VNNI (avx2,
+  avx512 before VNNI) multiply 8-bit values through 16-bit intermediate sums that can saturate, which 7-bit
+  weights rule out; calibrate it with ``--synthetic-calibration`` to compare it with ``package``;
 - ``package``: exactly what ``Aand.to_openvino(compression_type=INT8_PTQ)`` runs
   (:func:`anomalib_aand.export.quantize`): ``float-fine``, calibrated on the calibration images plus a copy of
   each with a synthetic anomaly.
@@ -53,7 +57,7 @@ from anomalib_aand.export import SyntheticAnomalyCalibration, fine_convolutions,
 def _recipes() -> dict[str, Callable[[Any], dict[str, Any]]]:
     """Each recipe: a function of the FP32 ``ov.Model`` giving ``nncf.quantize`` keyword arguments."""
     import nncf
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     def tail(model: Any, types: tuple[str, ...] = (), names: list[str] | None = None) -> nncf.IgnoredScope:  # noqa: ANN401
@@ -90,6 +94,10 @@ def _recipes() -> dict[str, Callable[[Any], dict[str, Any]]]:
             "ignored_scope": tail(
                 m, ("GroupConvolution",), sorted(set(fine(m)) - set(fine_convolutions(m, float_tail(m))))
             )
+        },
+        "package+overflow": lambda m: {
+            "ignored_scope": tail(m, ("GroupConvolution",), fine_convolutions(m, float_tail(m))),
+            "advanced_parameters": AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE),
         },
         "minmax+mixed": lambda m: {
             "ignored_scope": tail(m),
