@@ -41,6 +41,7 @@ import torch
 from .components.synthesis import AnomalySynthesizer
 
 if TYPE_CHECKING:
+    import nncf
     import openvino as ov
     from anomalib.data import AnomalibDataModule
     from torchmetrics import Metric
@@ -142,6 +143,14 @@ def fine_convolutions(model: "ov.Model", tail: Iterable[str]) -> list[str]:
     ]
 
 
+def float_scope(model: "ov.Model") -> "nncf.IgnoredScope":
+    """What AAND's recipe keeps in float: the tail, the finest-scale convolutions and depthwise convolutions."""
+    import nncf
+
+    tail = float_tail(model)
+    return nncf.IgnoredScope(names=tail + fine_convolutions(model, tail), types=FLOAT_TYPES, validate=False)
+
+
 class SyntheticAnomalyCalibration:
     """Calibration batches (images in [0, 1], NCHW), each followed by a copy with a synthetic anomaly.
 
@@ -189,10 +198,8 @@ def quantize(
 
     if recipe == "anomalib":
         return nncf.quantize(model, nncf.Dataset(calibration, transform))
-    tail = float_tail(model)
-    ignored = nncf.IgnoredScope(names=tail + fine_convolutions(model, tail), types=FLOAT_TYPES, validate=False)
     dataset = nncf.Dataset(SyntheticAnomalyCalibration(calibration, transform))
-    return nncf.quantize(model, dataset, ignored_scope=ignored)
+    return nncf.quantize(model, dataset, ignored_scope=float_scope(model))
 
 
 def metric_validation(metric: "Metric") -> Callable[[Any, Iterable[Any]], float]:
@@ -239,15 +246,13 @@ def quantize_with_accuracy_control(
     """
     import nncf
 
-    tail = float_tail(model)
-    ignored = nncf.IgnoredScope(names=tail + fine_convolutions(model, tail), types=FLOAT_TYPES, validate=False)
     return nncf.quantize_with_accuracy_control(
         model,
         nncf.Dataset(SyntheticAnomalyCalibration(calibration, transform)),
         nncf.Dataset(validation),
         validate,
         max_drop=max_drop,
-        ignored_scope=ignored,
+        ignored_scope=float_scope(model),
     )
 
 
@@ -259,7 +264,7 @@ def accuracy_control_metric(metric: "Metric | str | None", max_drop: float) -> "
     from anomalib.metrics import F1Score
     from torchmetrics import Metric
 
-    if isinstance(metric, str) or not isinstance(metric, Metric | None):
+    if not isinstance(metric, Metric | None):
         msg = (
             f"INT8_ACQ needs a metric object, got {metric!r}: on the command line pass "
             "`--metric anomalib.metrics.AUROC --metric.fields '[pred_score, gt_label]'`, in Python "
@@ -318,8 +323,7 @@ def quantize_openvino_ir(
     images = datamodule.val_dataloader()
     if accuracy_control is None:
         quantized = quantize(model, images, transform=lambda batch: batch["image"])
-    else:
-        datamodule.setup("test")
+    else:  # setup("fit") built the test split too (anomalib's datamodules build every split at once)
         validate = metric_validation(accuracy_control)
         quantized = quantize_with_accuracy_control(
             model, images, datamodule.test_dataloader(), validate, max_drop, transform=lambda batch: batch["image"]

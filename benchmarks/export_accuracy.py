@@ -232,9 +232,9 @@ def main() -> None:
         names["int8 acq"] = f"OpenVINO INT8_ACQ (AAND recipe, image AUROC max_drop {args.max_drop})"
         names["int8 nncf defaults"] = "OpenVINO INT8 (NNCF defaults = anomalib 2.7)"
         for key, name in names.items():
-            scores, maps = predict(core.compile_model(xml[key], "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), images)
-            quantised = int8_convolutions(core.read_model(xml[key]))
-            outputs[name] = {"pred_score": scores, "anomaly_map": maps, "int8": quantised}
+            graph = core.read_model(xml[key])
+            scores, maps = predict(core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), images)
+            outputs[name] = {"pred_score": scores, "anomaly_map": maps, "int8": int8_convolutions(graph)}
     if args.acq_holdout:
         labels, masks = labels[1::2], masks[1::2]
         outputs = {name: {k: v[1::2] if k != "int8" else v for k, v in out.items()} for name, out in outputs.items()}

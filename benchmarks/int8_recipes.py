@@ -51,7 +51,7 @@ import numpy as np
 from export_accuracy import aupro, auroc, calibration_data, markdown_table, predict, test_set
 
 from anomalib_aand import Aand
-from anomalib_aand.export import SyntheticAnomalyCalibration, fine_convolutions, float_tail, quantize
+from anomalib_aand.export import SyntheticAnomalyCalibration, fine_convolutions, float_scope, float_tail, quantize
 
 
 def _recipes() -> dict[str, Callable[[Any], dict[str, Any]]]:
@@ -96,7 +96,7 @@ def _recipes() -> dict[str, Callable[[Any], dict[str, Any]]]:
             )
         },
         "package+overflow": lambda m: {
-            "ignored_scope": tail(m, ("GroupConvolution",), fine_convolutions(m, float_tail(m))),
+            "ignored_scope": float_scope(m),
             "advanced_parameters": AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE),
         },
         "minmax+mixed": lambda m: {
