@@ -25,20 +25,14 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torchmetrics import Metric
 
-from .components.checks import (
-    check_checkpoint,
-    check_checkpoint_file,
-    check_datamodule_once,
-    check_export_size,
-    check_finite_losses,
-    check_hyperparameters,
-    saved_checkpoints,
-)
-from .components.feature_cache import Stage2Targets
+from .components.checkpoints import check_checkpoint, check_checkpoint_file, saved_checkpoints
+from .components.data_checks import check_datamodule_once
+from .components.feature_cache import Stage2FeatureCache
+from .components.settings import check_export_size, check_hyperparameters, paper_defaults
 from .components.synthesis import AnomalySynthesizer
 from .components.teacher import load_teacher_weights, teacher_pre_processor
-from .export import accuracy_control_metric, quantize_openvino_ir
-from .loss import AmplificationLoss, DistillationLoss
+from .int8 import accuracy_control_metric, quantize_openvino_ir
+from .loss import AmplificationLoss, DistillationLoss, NonFiniteLossGuard
 from .torch_model import AandModel
 from .workarounds import (
     broadcast_buffers_from_rank_zero,
@@ -127,35 +121,47 @@ class Aand(AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        check_hyperparameters(self.hparams)
+        check_hyperparameters(self.hparams, paper_defaults(Aand))
         self.automatic_optimization = False
-        self.stage1_epochs, self.stage2_epochs, self.learning_rate = stage1_epochs, stage2_epochs, learning_rate
-        self.model = AandModel(backbone, layers, num_keys, gate_temperature, amplification=stage1_epochs > 0)
-        if self.input_size is not None:
-            self.model.check_input_size(self.input_size, hkd_top_k)
-        self.pre_trained, self.backbone_weights = pre_trained or backbone_weights is not None, backbone_weights
-        self.register_buffer("teacher_initialised", torch.tensor(data=False))
+        self.stage1_epochs = stage1_epochs
+        self.stage2_epochs = stage2_epochs
+        self.learning_rate = learning_rate
+        self.pre_trained = pre_trained or backbone_weights is not None  # settings.py warns when they disagree
+        self.backbone_weights = backbone_weights
         self.amplification_loss = AmplificationLoss(
             focal_alpha, focal_gamma, amplification_weight, amplification_margin
         )
         self.distillation_loss = DistillationLoss(distillation_loss, hkd_top_k)
+        self.loss_guard = NonFiniteLossGuard()
+        self.model = AandModel(backbone, layers, num_keys, gate_temperature, amplification=stage1_epochs > 0)
+        if self.input_size is not None:
+            self.model.check_input_size(self.input_size, hkd_top_k)
+        self.register_buffer("teacher_initialised", torch.tensor(data=False))
         self.synthesizer_arguments = {
             "probability": anomaly_probability,
             "anomaly_source_path": anomaly_source_path,
             "foreground_mask": foreground_mask,
         }
         self.synthesizer: AnomalySynthesizer | None = None  # built when a stage-1 epoch starts: textures needed then
-        self.stage2_targets = Stage2Targets(cache_features, cache_budget_gb)
+        self.feature_cache = Stage2FeatureCache(cache_features, cache_budget_gb)
 
     @classmethod
     def configure_pre_processor(
         cls,
         image_size: tuple[int, int] | None = None,
-        backbone: str = "wide_resnet50_2.tv_in1k",
-        normalization: Literal["imagenet", "teacher"] = "imagenet",
+        backbone: str | None = None,
+        normalization: Literal["imagenet", "teacher"] | None = None,
     ) -> PreProcessor:
-        """Resize (256 by default) + Normalize, as anomalib's default, with ImageNet's or the teacher's mean/std."""
-        return teacher_pre_processor(super().configure_pre_processor(image_size), backbone, normalization)
+        """Resize (256 by default) + Normalize, as anomalib's default, with ImageNet's or the teacher's mean/std.
+
+        ``backbone`` and ``normalization`` default to the constructor's defaults.
+        """
+        defaults = paper_defaults(Aand)
+        return teacher_pre_processor(
+            super().configure_pre_processor(image_size),
+            backbone or defaults["backbone"],
+            normalization or defaults["normalization"],
+        )
 
     @property
     def stage(self) -> int:
@@ -166,7 +172,8 @@ class Aand(AnomalibModule):
         """Adam (lr, betas 0.5/0.999) and MultiStepLR (80 % / 90 % of the stage, gamma 0.2) per stage."""
         raa = list(self.model.raa.parameters()) if self.model.raa is not None else []
         student = [*self.model.bottleneck.parameters(), *self.model.decoder.parameters()]
-        optimizers, schedulers = [], []
+        optimizers = []
+        schedulers = []
         for params, epochs in ((raa, self.stage1_epochs), (student, self.stage2_epochs)):
             optimizer = optim.Adam(  # stage 1 skipped: an idle optimiser
                 params or [torch.nn.Parameter(torch.zeros(()))], lr=self.learning_rate, betas=(0.5, 0.999)
@@ -187,20 +194,24 @@ class Aand(AnomalibModule):
             amplified, gates = self.model.amplify(features, mask)
             losses = self.amplification_loss(features, amplified, gates, mask, foreground)
         else:
-            targets = self.stage2_targets(batch.image, batch.image_path, self.model.amplified_features)
+            targets = self.feature_cache(batch.image, batch.image_path, self.model.amplified_features)
             losses = {"loss": self.distillation_loss(targets, self.model.distill(targets))}
-        check_finite_losses(
-            losses, stage, self.current_epoch, self.global_step, self.learning_rate, saved_checkpoints(self.trainer)
-        )
+        if self.loss_guard.record(losses, stage, self.current_epoch, self.global_step):
+            self.check_losses()
         optimizer = self.optimizers()[stage - 1]
         optimizer.zero_grad()
         self.manual_backward(losses["loss"])
         optimizer.step()
         size = len(batch.image)
         self.log("stage", float(stage), prog_bar=True, on_step=True, on_epoch=False, batch_size=size)
+        self.log("train_loss", losses["loss"].detach(), on_epoch=True, batch_size=size)
         for name, value in losses.items():
             self.log(f"stage{stage}_{name}", value.detach(), prog_bar=True, on_epoch=True, batch_size=size)
         return {"loss": losses["loss"].detach()}
+
+    def check_losses(self) -> None:
+        """Stop training if a loss recorded since the last check was NaN or infinite (``NonFiniteLossGuard``)."""
+        self.loss_guard.check(self.learning_rate, saved_checkpoints(self.trainer), self.trainer.strategy)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict, so that anomalib computes thresholds and normalisation statistics."""
@@ -222,11 +233,11 @@ class Aand(AnomalibModule):
 
     def on_train_start(self) -> None:
         """Each fit (or resumed fit) decides on its own stage-2 feature cache."""
-        self.stage2_targets.start(self.trainer, self.model.distill, self.distillation_loss, self.model)
+        self.feature_cache.start(self.trainer, self.model.distill, self.distillation_loss, self.model)
 
     def on_train_end(self) -> None:
         """Free the feature cache; it must not travel with the model."""
-        self.stage2_targets.stop()
+        self.feature_cache.stop()
 
     def on_train_epoch_start(self) -> None:
         """Freeze what the current stage does not train, and say which stage runs."""
@@ -241,7 +252,11 @@ class Aand(AnomalibModule):
             logger.info("AAND stage %d starts at epoch %d.", self.stage, self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
-        """Step the active stage's learning-rate schedule; all processes end the epoch with rank 0's buffers."""
+        """Check the epoch's losses before its checkpoint is saved; step the active stage's learning-rate schedule.
+
+        All processes end the epoch with rank 0's buffers.
+        """
+        self.check_losses()
         self.lr_schedulers()[self.stage - 1].step()
         broadcast_buffers_from_rank_zero(self.model, self.trainer)
 
@@ -305,7 +320,9 @@ class Aand(AnomalibModule):
         if self.input_size is None:
             check_export_size(self.model, input_size, self.distillation_loss.top_k)
         kwargs.setdefault("opset_version", 18)
-        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+        return super().to_onnx(
+            export_root=export_root, model_file_name=model_file_name, input_size=input_size, **kwargs
+        )
 
     def to_openvino(
         self,
@@ -321,16 +338,31 @@ class Aand(AnomalibModule):
     ) -> Path:
         """Anomalib's OpenVINO export; ``INT8_PTQ`` and ``INT8_ACQ`` quantise with AAND's recipe.
 
-        See :mod:`anomalib_aand.export`; ``INT8_ACQ`` then runs NNCF's accuracy control with ``metric`` and
+        See :mod:`anomalib_aand.int8`; ``INT8_ACQ`` then runs NNCF's accuracy control with ``metric`` and
         ``max_drop`` on the datamodule's test split, as anomalib does.
         """
         if compression_type not in {CompressionType.INT8_PTQ, CompressionType.INT8_ACQ}:
             return super().to_openvino(
-                export_root, model_file_name, input_size, compression_type, datamodule, metric, task, max_drop, **kwargs
+                export_root=export_root,
+                model_file_name=model_file_name,
+                input_size=input_size,
+                compression_type=compression_type,
+                datamodule=datamodule,
+                metric=metric,
+                task=task,
+                max_drop=max_drop,
+                **kwargs,
             )
         if compression_type == CompressionType.INT8_ACQ:
             metric = accuracy_control_metric(metric, max_drop)  # checked before anything is written
-        xml = super().to_openvino(export_root, model_file_name, input_size, None, datamodule, **kwargs)
+        xml = super().to_openvino(
+            export_root=export_root,
+            model_file_name=model_file_name,
+            input_size=input_size,
+            compression_type=None,
+            datamodule=datamodule,
+            **kwargs,
+        )
         if compression_type == CompressionType.INT8_PTQ:
             return quantize_openvino_ir(Path(xml), datamodule)
         return quantize_openvino_ir(Path(xml), datamodule, accuracy_control=metric, max_drop=max_drop)

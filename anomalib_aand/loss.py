@@ -1,20 +1,31 @@
-"""AAND losses: focal and amplification (stage 1), hard knowledge distillation (stage 2).
+"""AAND losses: focal and amplification (stage 1), hard knowledge distillation (stage 2), and their guard.
 
 ``AmplificationLoss`` and ``DistillationLoss`` are the modules the Lightning model builds; the functions
-are their per-scale terms.
+are their per-scale terms. ``NonFiniteLossGuard`` stops training when a loss becomes NaN or infinite.
+The paper's values are the defaults of ``Aand``'s constructor; here every setting is an argument.
 """
 
-from collections.abc import Sequence
-from typing import Literal
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from .components.synthesis import mask_at
+from .components.errors import AandInputError
+from .components.synthesis import downsample_mask
+
+if TYPE_CHECKING:
+    from lightning.pytorch.strategies import Strategy
+
+# Most normal and anomalous positions per scale that the amplification loss compares (the authors' numbers).
+MAX_NORMAL_POSITIONS = 5000
+MAX_ANOMALOUS_POSITIONS = 1000
 
 
-def focal_loss(gate: torch.Tensor, target: torch.Tensor, alpha: float = 0.8, gamma: float = 2.0) -> torch.Tensor:
+def focal_loss(gate: torch.Tensor, target: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
     """Binary focal loss of the gate against the 0/1 mask, mean over positions."""
     gate = gate.clamp(1e-6, 1 - 1e-6)
     positive = -alpha * (1 - gate) ** gamma * target * torch.log(gate)
@@ -37,10 +48,10 @@ def amplification_loss(
     features: torch.Tensor,
     amplified: torch.Tensor,
     mask: torch.Tensor,
-    foreground: torch.Tensor | None = None,
-    margin: float = 0.3,
-    max_normal: int = 5000,
-    max_anomalous: int = 1000,
+    foreground: torch.Tensor | None,
+    margin: float,
+    max_normal: int = MAX_NORMAL_POSITIONS,
+    max_anomalous: int = MAX_ANOMALOUS_POSITIONS,
 ) -> torch.Tensor:
     """Push amplified anomalous features ``margin`` further from normal ones than the teacher's.
 
@@ -56,7 +67,8 @@ def amplification_loss(
     normal_idx = _sample(torch.nonzero(normal).squeeze(1), max_normal)
     if anomalous_idx.numel() == 0 or normal_idx.numel() == 0:
         return amplified.sum() * 0.0
-    plain, boosted = _positions(features), _positions(amplified)
+    plain = _positions(features)
+    boosted = _positions(amplified)
     reference = F.normalize(plain[normal_idx], dim=1)
     # cos(F_n, F^A_a) - cos(F_n, F_a) as one product: a single (normal x anomalous) matrix, not three
     shift = F.normalize(boosted[anomalous_idx], dim=1) - F.normalize(plain[anomalous_idx], dim=1)
@@ -71,7 +83,7 @@ def cosine_loss(targets: Sequence[torch.Tensor], students: Sequence[torch.Tensor
     return loss
 
 
-def hkd_loss(targets: Sequence[torch.Tensor], students: Sequence[torch.Tensor], top_k: int = 10) -> torch.Tensor:
+def hkd_loss(targets: Sequence[torch.Tensor], students: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
     """Hard knowledge distillation, summed over scales.
 
     Per scale: the mean of the ``top_k`` largest per-position ``1 - cos`` of each image, plus the
@@ -94,15 +106,12 @@ class AmplificationLoss(nn.Module):
         margin: Margin of the amplification term.
     """
 
-    def __init__(
-        self,
-        focal_alpha: float = 0.8,
-        focal_gamma: float = 2.0,
-        weight: float = 0.1,
-        margin: float = 0.3,
-    ) -> None:
+    def __init__(self, focal_alpha: float, focal_gamma: float, weight: float, margin: float) -> None:
         super().__init__()
-        self.focal_alpha, self.focal_gamma, self.weight, self.margin = focal_alpha, focal_gamma, weight, margin
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.weight = weight
+        self.margin = margin
 
     def forward(
         self,
@@ -116,8 +125,8 @@ class AmplificationLoss(nn.Module):
         focal = features[0].new_zeros(())
         amplification = features[0].new_zeros(())
         for plain, boosted, gate in zip(features, amplified, gates, strict=True):
-            scale_mask = mask_at(mask, plain.shape[-2:])
-            scale_foreground = None if foreground is None else mask_at(foreground, plain.shape[-2:])
+            scale_mask = downsample_mask(mask, plain.shape[-2:])
+            scale_foreground = None if foreground is None else downsample_mask(foreground, plain.shape[-2:])
             focal = focal + focal_loss(gate, scale_mask, self.focal_alpha, self.focal_gamma)
             amplification = amplification + amplification_loss(
                 plain, boosted, scale_mask, scale_foreground, margin=self.margin
@@ -133,12 +142,13 @@ class DistillationLoss(nn.Module):
         top_k: Positions per image in HKD's hard term.
     """
 
-    def __init__(self, kind: Literal["hkd", "cosine"] = "hkd", top_k: int = 10) -> None:
+    def __init__(self, kind: Literal["hkd", "cosine"], top_k: int) -> None:
         super().__init__()
         if kind not in {"hkd", "cosine"}:
-            msg = f"distillation_loss must be 'hkd' or 'cosine', got {kind!r}."
-            raise ValueError(msg)
-        self.kind, self.top_k = kind, top_k
+            msg = f"distillation_loss must be 'hkd' or 'cosine' (the paper uses 'hkd'), got {kind!r}."
+            raise AandInputError(msg)
+        self.kind = kind
+        self.top_k = top_k
 
     def forward(self, targets: Sequence[torch.Tensor], students: Sequence[torch.Tensor]) -> torch.Tensor:
         """The loss, summed over scales."""
@@ -149,3 +159,87 @@ class DistillationLoss(nn.Module):
     def extra_repr(self) -> str:
         """Shown in the module summary."""
         return f"kind={self.kind!r}, top_k={self.top_k}"
+
+
+def non_finite_loss_message(
+    values: Mapping[str, float],
+    stage: int,
+    epoch: int,
+    step: int,
+    learning_rate: float,
+    checkpoints: Sequence[str | Path] = (),
+) -> str:
+    """What to tell a user whose loss became NaN or infinite: where, which terms, and whether a checkpoint is intact.
+
+    ``checkpoints``: paths the run has saved; the message says one is intact only if it is on disk.
+    """
+    bad = [name for name, value in values.items() if not math.isfinite(value) and name != "loss"] or ["loss"]
+    saved = next((str(path) for path in checkpoints if Path(path).is_file()), None)
+    kept = (
+        f"the last saved checkpoint ({saved}) is intact: resume from it with --ckpt_path, or start again"
+        if saved
+        else "no checkpoint has been saved yet in this run, so start again"
+    )
+    return (
+        f"AAND stage {stage}: the loss term(s) {bad} became non-finite at epoch {epoch}, optimiser step {step} "
+        f"(values {dict(values)}). Training stops here instead of producing a NaN model; {kept} after lowering the "
+        f"learning rate (now {learning_rate}) and checking the images for NaN/Inf values."
+    )
+
+
+class NonFiniteLossGuard:
+    """Stops training when the total loss becomes NaN or infinite, without reading the device at every step.
+
+    ``record`` keeps, on the losses' device, the terms of the first step since the last ``check`` whose total is
+    not finite, and says when a check is due: every ``interval`` steps on an accelerator, every step on the CPU
+    (where reading costs nothing). ``check`` reads that record once and raises ``FloatingPointError`` naming the
+    stage, epoch, step and terms; call it also at each epoch's end, before the checkpoint is saved. Under DDP every
+    process learns whether any process saw a non-finite loss, so all stop together.
+
+    Args:
+        interval: Steps between two reads of the record on an accelerator.
+    """
+
+    def __init__(self, interval: int = 50) -> None:
+        self.interval = interval
+        self._steps: list[tuple[int, int, int, tuple[str, ...]]] = []
+        self._first: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+
+    def record(self, losses: Mapping[str, torch.Tensor], stage: int, epoch: int, step: int) -> bool:
+        """Remember this step's loss terms (``losses["loss"]`` is the total); ``True`` when a check is due."""
+        values = torch.stack([value.detach().float().reshape(()) for value in losses.values()])
+        if self._first is None or self._values is None or self._values.shape != values.shape:
+            self._first = torch.full((), -1, dtype=torch.long, device=values.device)
+            self._values = torch.zeros_like(values)
+        first = ~torch.isfinite(values[list(losses).index("loss")]) & (self._first < 0)
+        self._first = torch.where(first, len(self._steps), self._first)
+        self._values = torch.where(first, values, self._values)
+        self._steps.append((stage, epoch, step, tuple(losses)))
+        return values.device.type == "cpu" or len(self._steps) >= self.interval
+
+    def check(
+        self, learning_rate: float, checkpoints: Sequence[str | Path] = (), strategy: "Strategy | None" = None
+    ) -> None:
+        """Raise ``FloatingPointError`` if a step recorded since the last check had a non-finite loss."""
+        if not self._steps or self._first is None or self._values is None:
+            return
+        steps = self._steps
+        index = int(self._first)
+        values = self._values.tolist()
+        self._steps = []
+        self._first = None
+        self._values = None
+        anywhere = index >= 0 if strategy is None else strategy.reduce_boolean_decision(index >= 0, all=False)
+        if not anywhere:
+            return
+        if index < 0:
+            stage, epoch, _, _ = steps[-1]
+            msg = (
+                f"AAND stage {stage}, epoch {epoch}: the loss became non-finite on another process of this run (see "
+                "its message). Training stops on every process."
+            )
+            raise FloatingPointError(msg)
+        stage, epoch, step, names = steps[index]
+        terms = dict(zip(names, values, strict=True))
+        raise FloatingPointError(non_finite_loss_message(terms, stage, epoch, step, learning_rate, checkpoints))

@@ -14,7 +14,7 @@ from torch import nn
 from .anomaly_map import AnomalyMapGenerator
 from .components.raa import ResidualAnomalyAmplification
 from .components.student import build_student
-from .components.synthesis import mask_at
+from .components.synthesis import downsample_mask
 from .components.teacher import build_teacher
 
 
@@ -32,14 +32,15 @@ class AandModel(nn.Module):
 
     def __init__(
         self,
-        backbone: str = "wide_resnet50_2.tv_in1k",
-        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
-        num_keys: int = 50,
-        gate_temperature: float = 0.2,
+        backbone: str,
+        layers: Sequence[str],
+        num_keys: int,
+        gate_temperature: float,
         amplification: bool = True,
     ) -> None:
         super().__init__()
-        self.backbone, self.layers = backbone, list(layers)
+        self.backbone = backbone
+        self.layers = list(layers)
         self.teacher = build_teacher(backbone, layers)
         self.channels: list[int] = list(self.teacher.out_dims)
         self.reductions: list[int] = list(self.teacher.reductions)
@@ -61,7 +62,8 @@ class AandModel(nn.Module):
 
         ``top_k`` may not exceed the positions of the coarsest feature map.
         """
-        height, width = int(size[0]), int(size[1])
+        height = int(size[0])
+        width = int(size[1])
         stride = self.stride
         if height % stride or width % stride:
             ok = [stride * k for k in range(max(1, height // stride), height // stride + 3)]
@@ -101,7 +103,7 @@ class AandModel(nn.Module):
         if self.raa is None:
             return list(features), [torch.zeros_like(f[:, :1]) for f in features]
         outputs = [
-            raa(f, None if mask is None else mask_at(mask, f.shape[-2:]))
+            raa(f, None if mask is None else downsample_mask(mask, f.shape[-2:]))
             for raa, f in zip(self.raa, features, strict=True)
         ]
         return [o[0] for o in outputs], [o[1] for o in outputs]

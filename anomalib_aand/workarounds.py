@@ -6,8 +6,10 @@ behaviour and the versions it was seen in (anomalib 2.7.0, lightning 2.6.6). Rem
 the versions the package supports no longer behave that way.
 """
 
+import contextlib
 import logging
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,6 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-
-from .components.checks import check_dataset_folder, check_masks_present
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ def check_dataset_before_download(trainer: Trainer | None) -> None:
     the datamodule's ``setup``, which lightning runs before the module's ``setup`` hook, pairs masks with
     defective images (MVTecAD, Folder) and fails with a pandas/numpy error naming no file when one is missing.
     """
+    from .components.data_checks import check_dataset_folder, check_masks_present
+
     if trainer is not None and trainer.datamodule is not None:
         check_dataset_folder(trainer.datamodule)
         check_masks_present(trainer.datamodule)
@@ -141,3 +143,17 @@ def broadcast_buffers_from_rank_zero(module: torch.nn.Module, trainer: Trainer) 
     if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         for buffer in module.buffers():
             torch.distributed.broadcast(buffer, src=0)
+
+
+@contextlib.contextmanager
+def quiet_anomalib_import() -> Iterator[None]:
+    """Import anomalib inside this block without its import-time ``FutureWarning``s.
+
+    ``import anomalib.deploy`` (anomalib 2.7.0, timm 1.0.31) imports every model, which warns twice before a tool
+    prints anything: timm's "Importing from timm.models.layers is deprecated" and anomalib's "The
+    anomalib.models.components.dinov2 package is deprecated". Neither concerns AAND or its user. Only
+    ``FutureWarning``s raised while the block runs are ignored.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield

@@ -79,12 +79,12 @@ class Probe(Callback):
         self.record["steps"].append(step)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        targets = pl_module.stage2_targets
+        targets = pl_module.feature_cache
         if targets.enabled:
             self.record.setdefault("cache", []).append(
                 {
                     "epoch": trainer.current_epoch,
-                    "keys": sorted(targets.cache.entries),
+                    "keys": sorted(targets.store.entries),
                     "hits": targets.hits,
                     "dtype": str(targets.dtype),
                 }

@@ -11,7 +11,7 @@ from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_aand import Aand, AandModel
-from anomalib_aand.components.checks import check_checkpoint
+from anomalib_aand.components.checkpoints import check_checkpoint
 from anomalib_aand.components.student import build_student
 from anomalib_aand.components.teacher import (
     TeacherError,
@@ -23,6 +23,10 @@ from anomalib_aand.components.teacher import (
 RESNET_LAYERS = ("layer1", "layer2", "layer3")
 LITE0_LAYERS = ("blocks.1", "blocks.2", "blocks.4")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def resnet18_model(backbone: str) -> AandModel:
+    return AandModel(backbone, RESNET_LAYERS, num_keys=50, gate_temperature=0.2)
 
 
 def _normalize(model: Aand) -> Normalize:
@@ -50,11 +54,11 @@ def test_unknown_tag_names_the_known_ones() -> None:
     with pytest.raises(TeacherError, match=r"no pretrained tag 'nope'.*resnet18\.tv_in1k"):
         split_backbone("resnet18.nope")
     with pytest.raises(TeacherError, match="no pretrained tag"):
-        AandModel(backbone="resnet18.nope")
+        resnet18_model("resnet18.nope")
 
 
 def test_tagged_name_builds_the_bare_names_model_and_student() -> None:
-    tagged, bare = AandModel(backbone="resnet18.tv_in1k"), AandModel(backbone="resnet18")
+    tagged, bare = resnet18_model("resnet18.tv_in1k"), resnet18_model("resnet18")
     assert isinstance(tagged.bottleneck, OCBE)
     assert isinstance(tagged.decoder, ResNetDecoder)
     assert _parameters(tagged) == _parameters(bare)
@@ -81,7 +85,7 @@ def test_tagged_backbone_loads_a_local_weight_file(tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pth"
     state = timm.create_model("resnet18", pretrained=False).state_dict()
     torch.save(state, path)
-    model = AandModel(backbone="resnet18.tv_in1k")
+    model = resnet18_model("resnet18.tv_in1k")
     load_teacher_weights(model.teacher, "resnet18.tv_in1k", path)
     loaded = model.teacher.feature_extractor.state_dict()
     assert all(torch.equal(loaded[key], state[key]) for key in loaded)

@@ -12,7 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from torchvision.transforms import v2
 
 from anomalib_aand import Aand
-from anomalib_aand.components.feature_cache import HALF_PRECISION_RTOL, Stage2Targets, random_transforms
+from anomalib_aand.components.feature_cache import HALF_PRECISION_RTOL, Stage2FeatureCache, random_transforms
 
 SIZE = 64
 
@@ -60,7 +60,7 @@ def _fit(
     ckpt_path: Path | None = None,
     save_to: Path | None = None,
     stage2_epochs: int = 2,
-    targets: Stage2Targets | None = None,
+    targets: Stage2FeatureCache | None = None,
     **model_args,
 ) -> tuple[Aand, LossRecorder]:
     seed_everything(0, workers=True)
@@ -78,7 +78,7 @@ def _fit(
         **model_args,
     )
     if targets is not None:
-        model.stage2_targets = targets
+        model.feature_cache = targets
     datamodule = MVTecAD(
         root=root,
         category="toy",
@@ -124,11 +124,11 @@ def plain_run(data_root: Path) -> tuple[list[float], list[dict[str, torch.Tensor
 
 def test_cached_epochs_match_plain_loop(data_root: Path, plain_run) -> None:
     """float32 cache: the second stage-2 epoch is served from the cache and ends with the same weights."""
-    targets = Stage2Targets(half_precision_rtol=-1.0)  # float32 storage
+    targets = Stage2FeatureCache(half_precision_rtol=-1.0)  # float32 storage
     model, recorder = _fit(data_root, targets=targets)
     losses, weights = _stage2(recorder)
     plain_losses, plain_weights = plain_run
-    assert model.stage2_targets is targets
+    assert model.feature_cache is targets
     assert targets.reason is None
     assert targets.dtype == torch.float32
     assert targets.stored == 12  # every training image cached once
@@ -146,7 +146,7 @@ def test_half_precision_cache_keeps_loss(data_root: Path, plain_run, caplog: pyt
         model, recorder = _fit(data_root)
     assert "trains from cached teacher features: 12 images" in caplog.text
     assert "float16" in caplog.text
-    assert model.stage2_targets.dtype == torch.float16
+    assert model.feature_cache.dtype == torch.float16
     losses, _ = _stage2(recorder)
     torch.testing.assert_close(losses, plain_run[0], rtol=HALF_PRECISION_RTOL, atol=0)
 
@@ -166,8 +166,8 @@ def test_changing_images_switch_cache_off(data_root: Path, caplog: pytest.LogCap
     with caplog.at_level(logging.INFO, logger="anomalib_aand"):
         model, cached = _fit(data_root, augmentations=AddNoise())
     assert "changed between epochs" in caplog.text
-    assert "changed between epochs" in model.stage2_targets.reason
-    assert model.stage2_targets.hits == 0
+    assert "changed between epochs" in model.feature_cache.reason
+    assert model.feature_cache.hits == 0
     _, plain = _fit(data_root, augmentations=AddNoise(), cache_features=False)
     torch.testing.assert_close(cached.losses, plain.losses)
 
@@ -185,30 +185,30 @@ def test_fallbacks_say_why(data_root: Path, args: dict, augmentations, message: 
         model, _ = _fit(data_root, epochs=2, augmentations=augmentations, **args)
     assert "recomputes the teacher features every step: " in caplog.text
     assert message in caplog.text
-    assert message in model.stage2_targets.reason
-    assert model.stage2_targets.stored == 0
-    assert model.stage2_targets.dtype is None
+    assert message in model.feature_cache.reason
+    assert model.feature_cache.stored == 0
+    assert model.feature_cache.dtype is None
 
 
 def test_resume_rebuilds_cache_and_checkpoint_holds_none(data_root: Path, tmp_path: Path) -> None:
     """A checkpoint saved mid stage 2 has no cache in it; resuming refills it and matches an uncached resume."""
     checkpoint = tmp_path / "stage2.ckpt"
     first, _ = _fit(
-        data_root, epochs=2, stage2_epochs=3, save_to=checkpoint, targets=Stage2Targets(half_precision_rtol=-1.0)
+        data_root, epochs=2, stage2_epochs=3, save_to=checkpoint, targets=Stage2FeatureCache(half_precision_rtol=-1.0)
     )
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert not any("cache" in key for key in state["state_dict"])
     assert state["hyper_parameters"]["cache_features"] is True
-    assert first.stage2_targets.stored == 12
+    assert first.feature_cache.stored == 12
     resumed, cached = _fit(
-        data_root, epochs=4, stage2_epochs=3, ckpt_path=checkpoint, targets=Stage2Targets(half_precision_rtol=-1.0)
+        data_root, epochs=4, stage2_epochs=3, ckpt_path=checkpoint, targets=Stage2FeatureCache(half_precision_rtol=-1.0)
     )
     uncached, plain = _fit(data_root, epochs=4, stage2_epochs=3, ckpt_path=checkpoint, cache_features=False)
     assert resumed.current_epoch == 4
-    assert resumed.stage2_targets.stored == 12  # rebuilt in the first resumed epoch ...
-    assert resumed.stage2_targets.hits == 3  # ... and used in the second
-    assert uncached.stage2_targets.reason == "cache_features=False"
-    assert uncached.stage2_targets.stored == 0
+    assert resumed.feature_cache.stored == 12  # rebuilt in the first resumed epoch ...
+    assert resumed.feature_cache.hits == 3  # ... and used in the second
+    assert uncached.feature_cache.reason == "cache_features=False"
+    assert uncached.feature_cache.stored == 0
     torch.testing.assert_close(cached.losses, plain.losses, rtol=1e-5, atol=1e-6)
     _assert_same_weights(cached.weights[-1], plain.weights[-1], atol=1e-5)
 
@@ -222,7 +222,7 @@ def test_random_transforms_found_inside_compose() -> None:
 
 
 class _Loader:
-    """What ``Stage2Targets.start`` reads of a trainer: the training set's size, the number of batches."""
+    """What ``Stage2FeatureCache.start`` reads of a trainer: the training set's size, the number of batches."""
 
     def __init__(self, images: int) -> None:
         self.dataset = [None] * images
@@ -237,7 +237,7 @@ def _features(images: torch.Tensor) -> list[torch.Tensor]:
 
 def test_stage2_targets_serve_from_cache_and_fall_back() -> None:
     """Unit: computed once per image, served after, float16 kept when the probe allows; a changed image ends it."""
-    targets = Stage2Targets(budget_gb=1.0)
+    targets = Stage2FeatureCache(budget_gb=1.0)
     computed = []
 
     def compute(images: torch.Tensor) -> list[torch.Tensor]:
@@ -279,13 +279,13 @@ def test_stage2_targets_serve_from_cache_and_fall_back() -> None:
 
 def test_stage2_targets_budget_and_missing_paths() -> None:
     """The budget is the whole training set's features; batches without paths cannot be keyed."""
-    small = Stage2Targets(budget_gb=1e-9)
+    small = Stage2FeatureCache(budget_gb=1e-9)
     small.start(_Loader(100), student=list, loss=lambda targets, _: targets[0].sum(), state=torch.nn.Identity())
     small(torch.rand(2, 3, 8, 8), ["a", "b"], _features)
     assert not small.enabled
     assert "for 100 images, over cache_budget_gb=1e-09" in small.reason
-    pathless = Stage2Targets()
+    pathless = Stage2FeatureCache()
     pathless.start(_Loader(4), student=list, loss=lambda targets, _: targets[0].sum(), state=torch.nn.Identity())
     pathless(torch.rand(2, 3, 8, 8), None, _features)
     assert pathless.reason == "the training batches carry no image paths to key the cache by"
-    assert Stage2Targets().reason == "training has not started"
+    assert Stage2FeatureCache().reason == "training has not started"

@@ -12,7 +12,7 @@ from anomalib_aand import AandModel
 from anomalib_aand.anomaly_map import AnomalyMapGenerator
 from anomalib_aand.components.raa import ResidualAnomalyAmplification, positional_encoding_2d
 from anomalib_aand.components.student import Decoder, build_student
-from anomalib_aand.components.synthesis import mask_at
+from anomalib_aand.components.synthesis import downsample_mask
 from anomalib_aand.loss import (
     AmplificationLoss,
     DistillationLoss,
@@ -23,6 +23,8 @@ from anomalib_aand.loss import (
 )
 
 torch.manual_seed(0)
+
+RESNET_LAYERS = ("layer1", "layer2", "layer3")
 
 
 def test_positional_encoding_values_and_odd_channels() -> None:
@@ -74,9 +76,9 @@ def test_focal_loss_hand_values() -> None:
     expected = (-0.8 * 0.1**2 * math.log(0.9) - 0.2 * 0.2**2 * math.log(0.8)) / 2
     assert focal_loss(gate, target, 0.8, 2.0).item() == pytest.approx(expected, rel=1e-5)
     # a batch with no anomaly: finite even with the gate saturated
-    no_anomaly = focal_loss(torch.tensor([0.0, 1.0, 0.5]), torch.zeros(3))
+    no_anomaly = focal_loss(torch.tensor([0.0, 1.0, 0.5]), torch.zeros(3), 0.8, 2.0)
     assert torch.isfinite(no_anomaly)
-    assert focal_loss(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(0.0, abs=1e-9)
+    assert focal_loss(torch.zeros(3), torch.zeros(3), 0.8, 2.0).item() == pytest.approx(0.0, abs=1e-9)
 
 
 def _map(vectors: list[list[float]]) -> torch.Tensor:
@@ -89,17 +91,17 @@ def test_amplification_loss_hand_values() -> None:
     features = _map([[1.0, 0.0], [0.5, math.sqrt(3) / 2]])
     mask = torch.tensor([0.0, 1.0]).view(1, 1, 1, 2)
     # amplified anomaly unchanged: relu(0.5 - (0.5 - 0.3)) = 0.3
-    assert amplification_loss(features, features, mask, margin=0.3).item() == pytest.approx(0.3, abs=1e-6)
+    assert amplification_loss(features, features, mask, None, margin=0.3).item() == pytest.approx(0.3, abs=1e-6)
     # amplified anomaly orthogonal to the normal one: relu(0 - 0.2) = 0
     pushed = _map([[1.0, 0.0], [0.0, 1.0]])
-    assert amplification_loss(features, pushed, mask, margin=0.3).item() == pytest.approx(0.0, abs=1e-6)
+    assert amplification_loss(features, pushed, mask, None, margin=0.3).item() == pytest.approx(0.0, abs=1e-6)
     # no anomalous position: exactly zero, and still differentiable
     amplified = features.clone().requires_grad_(requires_grad=True)
-    zero = amplification_loss(features, amplified, torch.zeros(1, 1, 1, 2))
+    zero = amplification_loss(features, amplified, torch.zeros(1, 1, 1, 2), None, margin=0.3)
     assert zero.item() == 0.0
     zero.backward()
     # background outside the foreground is not used as "normal": no normal position left -> zero
-    assert amplification_loss(features, features, mask, foreground=torch.zeros(1, 1, 1, 2)).item() == 0.0
+    assert amplification_loss(features, features, mask, foreground=torch.zeros(1, 1, 1, 2), margin=0.3).item() == 0.0
 
 
 def _unit_vectors(angles: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,7 @@ def test_amplification_loss_samples_at_most_the_limits() -> None:
     mask = torch.tensor([0.0] * 6 + [1.0] * 4).view(1, 1, 1, 10)
     # margin 3 keeps every term positive: term(i, j) = cos(n_i, pushed_j) - cos(n_i, a_j) + 3
     terms = _unit_vectors(normal).t() @ (_unit_vectors(pushed) - _unit_vectors(anomalous)) + 3.0  # (6, 4)
-    full = amplification_loss(plain, amplified, mask, margin=3.0)
+    full = amplification_loss(plain, amplified, mask, None, margin=3.0)
     assert full.item() == pytest.approx(terms.mean().item(), abs=1e-6)  # limits above the counts: every pair
     pairs = {round(v, 5) for v in terms.flatten().tolist()}
     rows = {
@@ -124,8 +126,8 @@ def test_amplification_loss_samples_at_most_the_limits() -> None:
     seen = set()
     for seed in range(20):
         torch.manual_seed(seed)
-        one = amplification_loss(plain, amplified, mask, margin=3.0, max_normal=1, max_anomalous=1).item()
-        two = amplification_loss(plain, amplified, mask, margin=3.0, max_normal=2, max_anomalous=1).item()
+        one = amplification_loss(plain, amplified, mask, None, margin=3.0, max_normal=1, max_anomalous=1).item()
+        two = amplification_loss(plain, amplified, mask, None, margin=3.0, max_normal=2, max_anomalous=1).item()
         assert round(one, 5) in pairs  # exactly one pair
         assert round(two, 5) in rows  # two normal positions against one anomalous one
         seen.add(round(one, 5))
@@ -149,12 +151,12 @@ def test_hkd_top_k_and_global_term() -> None:
 def test_distillation_loss_module() -> None:
     target = [torch.randn(2, 4, 3, 3), torch.randn(2, 8, 2, 2)]
     student = [t + 0.3 * torch.randn_like(t) for t in target]
-    hkd, cosine = DistillationLoss("hkd", top_k=3), DistillationLoss("cosine")
+    hkd, cosine = DistillationLoss("hkd", top_k=3), DistillationLoss("cosine", top_k=3)
     assert hkd(target, student).item() == pytest.approx(hkd_loss(target, student, 3).item())
     assert cosine(target, student).item() == pytest.approx(cosine_loss(target, student).item())
     assert hkd(target, student) > cosine(target, student)  # the hard term comes on top of the global one
     with pytest.raises(ValueError, match="'hkd' or 'cosine'"):
-        DistillationLoss("l2")
+        DistillationLoss("l2", top_k=3)
 
 
 def test_amplification_loss_module_resizes_masks_and_weights_terms() -> None:
@@ -167,16 +169,18 @@ def test_amplification_loss_module_resizes_masks_and_weights_terms() -> None:
     losses = AmplificationLoss(focal_alpha=0.8, focal_gamma=2.0, weight=0.5, margin=0.3)(
         features, amplified, gates, mask, foreground
     )
-    masks = [mask_at(mask, f.shape[-2:]) for f in features]
+    masks = [downsample_mask(mask, f.shape[-2:]) for f in features]
     focal = sum(focal_loss(g, m, 0.8, 2.0) for g, m in zip(gates, masks, strict=True))
     amplification = sum(
-        amplification_loss(f, a, m, mask_at(foreground, f.shape[-2:]), margin=0.3)
+        amplification_loss(f, a, m, downsample_mask(foreground, f.shape[-2:]), margin=0.3)
         for f, a, m in zip(features, amplified, masks, strict=True)
     )
     assert losses["focal"].item() == pytest.approx(focal.item(), rel=1e-6)
     assert losses["amplification"].item() == pytest.approx(amplification.item(), rel=1e-6)
     assert losses["loss"].item() == pytest.approx(focal.item() + 0.5 * amplification.item(), rel=1e-6)
-    no_foreground = AmplificationLoss()(features, amplified, gates, mask, torch.zeros_like(foreground))
+    no_foreground = AmplificationLoss(focal_alpha=0.8, focal_gamma=2.0, weight=0.5, margin=0.3)(
+        features, amplified, gates, mask, torch.zeros_like(foreground)
+    )
     assert no_foreground["amplification"].item() == 0.0  # no normal position left
 
 
@@ -188,7 +192,7 @@ def test_amplification_loss_module_resizes_masks_and_weights_terms() -> None:
     ],
 )
 def test_student_mirrors_teacher(backbone: str, layers: tuple[str, ...], channels: list[int]) -> None:
-    model = AandModel(backbone, layers, num_keys=3).eval()
+    model = AandModel(backbone, layers, num_keys=3, gate_temperature=0.2).eval()
     assert model.channels == channels
     assert model.reductions == [4, 8, 16]
     images = torch.rand(2, 3, 96, 64)
@@ -223,7 +227,7 @@ def test_anomaly_map_and_score() -> None:
     assert 4 <= peak[0] <= 14  # around row 2/8, column 5/8 of the image
     assert 14 <= peak[1] <= 26
 
-    model = AandModel("resnet18", num_keys=2).eval()
+    model = AandModel("resnet18", RESNET_LAYERS, num_keys=2, gate_temperature=0.2).eval()
     with torch.no_grad():
         out = model(torch.rand(3, 3, 64, 64))
     assert out.anomaly_map.shape == (3, 1, 64, 64)
@@ -231,7 +235,7 @@ def test_anomaly_map_and_score() -> None:
 
 
 def test_no_amplification_means_plain_teacher() -> None:
-    model = AandModel("resnet18", amplification=False).eval()
+    model = AandModel("resnet18", RESNET_LAYERS, num_keys=50, gate_temperature=0.2, amplification=False).eval()
     assert model.raa is None
     images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
@@ -241,7 +245,7 @@ def test_no_amplification_means_plain_teacher() -> None:
 
 
 def test_teacher_batchnorm_stays_frozen() -> None:
-    model = AandModel("resnet18", num_keys=2)
+    model = AandModel("resnet18", RESNET_LAYERS, num_keys=2, gate_temperature=0.2)
     model.train()
     assert not model.teacher.training
     assert model.bottleneck.training
@@ -254,11 +258,11 @@ def test_teacher_batchnorm_stays_frozen() -> None:
 def test_mask_at_feature_scale() -> None:
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., :8, :8] = 1  # one quadrant
-    assert mask_at(mask, (2, 2)).flatten().tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert downsample_mask(mask, (2, 2)).flatten().tolist() == [1.0, 0.0, 0.0, 0.0]
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., :2, :2] = 1  # 1/16 of a quadrant: average 0.0625 < 0.3 vanishes at 2x2
-    assert mask_at(mask, (2, 2)).sum() == 0
-    assert mask_at(mask, (8, 8)).sum() == 1
+    assert downsample_mask(mask, (2, 2)).sum() == 0
+    assert downsample_mask(mask, (8, 8)).sum() == 1
 
 
 @pytest.mark.parametrize(

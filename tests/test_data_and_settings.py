@@ -13,7 +13,8 @@ from conftest import make_mvtec_dataset, tiny_aand
 from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
-from anomalib_aand.components.checks import AandInputError, check_finite_losses
+from anomalib_aand.components.errors import AandInputError
+from anomalib_aand.loss import NonFiniteLossGuard
 
 SIZE = 32
 
@@ -157,11 +158,29 @@ def test_non_finite_loss_names_a_checkpoint_only_when_one_exists(small_root: Pat
 
 def test_non_finite_loss_message_checks_the_file(tmp_path: Path) -> None:
     losses = {"loss": torch.tensor(float("nan")), "focal": torch.tensor(float("inf"))}
+    guard = NonFiniteLossGuard()
+    guard.record(losses, stage=1, epoch=0, step=3)
     with pytest.raises(FloatingPointError, match="no checkpoint has been saved yet"):
-        check_finite_losses(losses, 1, 0, 3, 0.005, [str(tmp_path / "gone.ckpt")])
+        guard.check(0.005, [str(tmp_path / "gone.ckpt")])
     (tmp_path / "model.ckpt").write_bytes(b"x")
+    guard.record(losses, stage=1, epoch=0, step=3)
     with pytest.raises(FloatingPointError, match=r"\['focal'\] became non-finite.*model.ckpt\) is intact"):
-        check_finite_losses(losses, 1, 0, 3, 0.005, [str(tmp_path / "model.ckpt")])
+        guard.check(0.005, [str(tmp_path / "model.ckpt")])
+
+
+def test_non_finite_loss_guard_reads_the_first_bad_step_of_a_window() -> None:
+    """On an accelerator the guard reads the device every ``interval`` steps; it still names the first bad step."""
+    guard = NonFiniteLossGuard(interval=3)
+    finite, nan = torch.tensor(1.0), torch.tensor(float("nan"))
+    guard.record({"loss": finite}, stage=2, epoch=4, step=10)
+    guard.record({"loss": nan}, stage=2, epoch=4, step=11)
+    guard.record({"loss": nan * 2}, stage=2, epoch=4, step=12)
+    with pytest.raises(
+        FloatingPointError, match=r"stage 2: the loss term\(s\) \['loss'\] .* epoch 4, optimiser step 11"
+    ):
+        guard.check(0.005)
+    guard.record({"loss": finite}, stage=2, epoch=4, step=13)
+    guard.check(0.005)  # a new window: nothing to report
 
 
 # ------------------------------------------------------------------------------ non-ASCII paths

@@ -1,9 +1,9 @@
-"""INT8 calibration data (normal batches, each with an anomalous copy) and the output clamp (anomalib_aand.export)."""
+"""INT8 calibration data (normal batches, each with an anomalous copy) and the output clamp (anomalib_aand.int8)."""
 
 import numpy as np
 import torch
 
-from anomalib_aand.export import SyntheticAnomalyCalibration
+from anomalib_aand.int8 import SyntheticAnomalyCalibration
 
 
 def _batches() -> list[torch.Tensor]:
@@ -45,7 +45,7 @@ def test_normalised_outputs_are_clamped_to_the_unit_range_and_keep_their_names()
     import openvino as ov
     from openvino import opset13
 
-    from anomalib_aand.export import clamp_normalised_outputs
+    from anomalib_aand.int8 import clamp_normalised_outputs
 
     image = opset13.parameter([2], np.float32, name="input")
     outputs = {name: opset13.multiply(image, np.float32(1.0), name=name) for name in ("pred_score", "pred_label")}

@@ -19,7 +19,7 @@ STRIDE = 32  # resnet18 layer1..layer3: the student needs multiples of twice the
 @cache
 def model(amplification: bool) -> AandModel:
     torch.manual_seed(0)
-    return AandModel(backbone="resnet18", amplification=amplification).eval()
+    return AandModel("resnet18", ("layer1", "layer2", "layer3"), 50, 0.2, amplification=amplification).eval()
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -71,7 +71,7 @@ def test_half_precision_map_follows_float32(dtype: torch.dtype, amplification: b
     """
     reference = model(amplification)
     images = torch.rand(2, 3, STRIDE * 2, STRIDE * 3, generator=torch.Generator().manual_seed(0))
-    half = AandModel(backbone="resnet18", amplification=amplification).eval()
+    half = AandModel("resnet18", ("layer1", "layer2", "layer3"), 50, 0.2, amplification=amplification).eval()
     half.load_state_dict(reference.state_dict())
     half = half.to(dtype)
     with torch.no_grad():

@@ -26,15 +26,11 @@ from lightning.pytorch import Callback, seed_everything
 from PIL import Image
 
 from anomalib_aand import Aand
-from anomalib_aand.components.checks import (
-    AandInputError,
-    check_datamodule,
-    check_dataset_folder,
-    check_finite_losses,
-)
+from anomalib_aand.components.data_checks import check_datamodule, check_dataset_folder
+from anomalib_aand.components.errors import AandInputError
 from anomalib_aand.components.synthesis import AnomalySynthesizer
 from anomalib_aand.components.teacher import TeacherError, load_teacher_weights
-from anomalib_aand.loss import DistillationLoss
+from anomalib_aand.loss import DistillationLoss, NonFiniteLossGuard
 
 SIZE = 32
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +146,7 @@ def test_anomaly_source_path_missing_or_empty(tmp_path: Path, small_root: Path, 
         (folder / "readme.txt").write_text("no images")
     message = "anomaly_source_path .*(not a folder|holds no images)"
     with pytest.raises(ValueError, match=message):
-        AnomalySynthesizer(anomaly_source_path=folder)
+        AnomalySynthesizer(probability=0.8, anomaly_source_path=folder)
     model = tiny_aand(anomaly_source_path=str(folder))  # construction (and checkpoint loading) does not need it
     with pytest.raises(ValueError, match=message):  # the first stage-1 epoch does, before its first batch
         engine(tmp_path / "out").fit(model, datamodule=datamodule(small_root))
@@ -314,9 +310,12 @@ class PoisonedDistillationLoss(DistillationLoss):
 def test_non_finite_loss_names_the_term() -> None:
     finite = torch.tensor(1.0)
     losses = {"loss": torch.tensor(float("nan")), "focal": finite, "amplification": torch.tensor(float("inf"))}
+    guard = NonFiniteLossGuard()
+    assert guard.record({"loss": finite, "focal": finite}, stage=1, epoch=3, step=6)  # CPU: every step is checked
+    guard.check(learning_rate=0.005)
+    guard.record(losses, stage=1, epoch=3, step=7)
     with pytest.raises(FloatingPointError, match=r"stage 1: the loss term\(s\) \['amplification'\] .* epoch 3"):
-        check_finite_losses(losses, stage=1, epoch=3, step=7, learning_rate=0.005)
-    check_finite_losses({"loss": finite, "focal": finite}, stage=1, epoch=3, step=7, learning_rate=0.005)
+        guard.check(learning_rate=0.005)
 
 
 def test_non_finite_loss_stops_training_with_a_message(small_root: Path, tmp_path: Path) -> None:

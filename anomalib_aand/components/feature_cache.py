@@ -62,7 +62,7 @@ def random_transforms(transform: nn.Module | None) -> list[str]:
     return found
 
 
-class FeatureCache:
+class FeatureStore:
     """Per-image amplified features, stored on the CPU in ``dtype``.
 
     Args:
@@ -130,7 +130,7 @@ def train_images(trainer: "Trainer") -> tuple[int | None, int]:
     return images, trainer.num_training_batches
 
 
-class Stage2Targets:
+class Stage2FeatureCache:
     """Stage-2 training targets (the frozen amplified features of a batch), from the cache when allowed.
 
     The policy: ``start(...)`` when training starts decides what can be known from the trainer (the cache is
@@ -151,8 +151,10 @@ class Stage2Targets:
         budget_gb: float = 4.0,
         half_precision_rtol: float = HALF_PRECISION_RTOL,
     ) -> None:
-        self.requested, self.budget_gb, self.half_precision_rtol = enabled, budget_gb, half_precision_rtol
-        self.cache: FeatureCache | None = None
+        self.requested = enabled
+        self.budget_gb = budget_gb
+        self.half_precision_rtol = half_precision_rtol
+        self.store: FeatureStore | None = None
         self.reason: str | None = "training has not started"
         self.hits = self.stored = 0
         self.dtype: torch.dtype | None = None
@@ -164,11 +166,11 @@ class Stage2Targets:
     @property
     def enabled(self) -> bool:
         """Whether batches are now served from (and stored into) the cache."""
-        return self.cache is not None
+        return self.store is not None
 
     def __len__(self) -> int:
         """Images held now (0 once training ends)."""
-        return 0 if self.cache is None else len(self.cache)
+        return 0 if self.store is None else len(self.store)
 
     def start(
         self,
@@ -184,7 +186,9 @@ class Stage2Targets:
         """
         self.stop()
         self.hits = self.stored = 0
-        self.dtype, self._decided, self._epoch_size = None, False, train_images(trainer)
+        self.dtype = None
+        self._decided = False
+        self._epoch_size = train_images(trainer)
         self._processes = max(1, int(getattr(trainer, "num_devices", 1) or 1))  # caches that share this machine
         self._probe = lambda features: _side_effect_free(state, lambda: loss(features, student(list(features))))
         self.reason = None
@@ -195,7 +199,8 @@ class Stage2Targets:
 
     def stop(self) -> None:
         """Free the cache (training ended); the counters stay for inspection."""
-        self.cache, self._probe = None, None
+        self.store = None
+        self._probe = None
 
     def __call__(
         self,
@@ -204,12 +209,13 @@ class Stage2Targets:
         compute: Callable[[torch.Tensor], list[torch.Tensor]],
     ) -> list[torch.Tensor]:
         """The batch's targets: cached when the cache holds them, else ``compute(images)`` (no gradients), stored."""
-        if self.cache is not None and paths is not None:
+        if self.store is not None and paths is not None:
             try:
-                cached = self.cache.get(paths, images)
+                cached = self.store.get(paths, images)
             except StaleCacheError as error:
                 logger.warning("%s Stage 2 continues without the feature cache.", error)
-                self.cache, self.reason = None, str(error)
+                self.store = None
+                self.reason = str(error)
             else:
                 if cached is not None:
                     self.hits += 1
@@ -219,9 +225,9 @@ class Stage2Targets:
         if not self._decided:
             self._decided = True
             self._open(images, paths, features)
-        if self.cache is not None and paths is not None:
-            self.cache.put(paths, images, features)
-            self.stored = len(self.cache)
+        if self.store is not None and paths is not None:
+            self.store.put(paths, images, features)
+            self.stored = len(self.store)
         return features
 
     def _open(self, images: torch.Tensor, paths: Sequence[str] | None, features: Sequence[torch.Tensor]) -> None:
@@ -231,7 +237,7 @@ class Stage2Targets:
         if self.reason is None:
             dtype = self._storage_dtype(features)
             count = self._epoch_size[0] or self._epoch_size[1] * len(images)
-            needed_gb = count * FeatureCache.bytes_per_image(features, dtype) / 1e9
+            needed_gb = count * FeatureStore.bytes_per_image(features, dtype) / 1e9
             budget_gb = self.budget_gb / self._processes  # each process on this machine holds its own cache
             if needed_gb > budget_gb:
                 share = f" / {self._processes} processes on this machine" if self._processes > 1 else ""
@@ -249,7 +255,8 @@ class Stage2Targets:
             needed_gb,
             str(dtype).removeprefix("torch."),
         )
-        self.dtype, self.cache = dtype, FeatureCache(dtype)
+        self.dtype = dtype
+        self.store = FeatureStore(dtype)
 
     def _storage_dtype(self, features: Sequence[torch.Tensor]) -> torch.dtype:
         """float16 when it fits the features and moves the first batch's loss by at most ``half_precision_rtol``."""

@@ -62,7 +62,7 @@ class ResidualAnomalyAmplification(nn.Module):
         temperature: Softmax temperature ``tau`` of the key matching.
     """
 
-    def __init__(self, channels: int, num_keys: int = 50, temperature: float = 0.2) -> None:
+    def __init__(self, channels: int, num_keys: int, temperature: float) -> None:
         super().__init__()
         hidden = min(2 * channels, 1024)
         self.num_keys = num_keys

@@ -86,10 +86,13 @@ class Bottleneck(nn.Module):
 
     def __init__(self, channels: Sequence[int], reductions: Sequence[int]) -> None:
         super().__init__()
-        last_channels, last_reduction = channels[-1], reductions[-1]
+        last_channels = channels[-1]
+        last_reduction = reductions[-1]
         self.align = nn.ModuleList()
         for in_channels, reduction in zip(channels, reductions, strict=True):
-            steps, layers, current = _halvings(reduction, last_reduction), [], in_channels
+            steps = _halvings(reduction, last_reduction)
+            layers = []
+            current = in_channels
             for step in range(steps):
                 out_channels = last_channels if step == steps - 1 else min(2 * current, last_channels)
                 layers.append(_conv_bn_relu(current, out_channels, stride=2))
@@ -111,17 +114,20 @@ class Decoder(nn.Module):
     def __init__(self, channels: Sequence[int], reductions: Sequence[int]) -> None:
         super().__init__()
         self.stages = nn.ModuleList()
-        current, reduction = 2 * channels[-1], 2 * reductions[-1]
+        current = 2 * channels[-1]
+        reduction = 2 * reductions[-1]
         for out_channels, target in zip(reversed(channels), reversed(reductions), strict=True):
             steps = _halvings(target, reduction)
             layers = [_up_bn_relu(current if i == 0 else out_channels, out_channels) for i in range(steps)]
             layers.append(ResidualBlock(out_channels if steps else current, out_channels))
             self.stages.append(nn.Sequential(*layers))
-            current, reduction = out_channels, target
+            current = out_channels
+            reduction = target
 
     def forward(self, embedding: torch.Tensor) -> list[torch.Tensor]:
         """Reconstruct every scale from the embedding."""
-        outputs, x = [], embedding
+        outputs = []
+        x = embedding
         for stage in self.stages:
             x = stage(x)
             outputs.append(x)

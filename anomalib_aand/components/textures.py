@@ -44,7 +44,8 @@ def _stripes(rng: np.random.Generator, side: int) -> np.ndarray:
 
 def _crosshatch(rng: np.random.Generator, side: int) -> np.ndarray:
     u, v = _coordinates(rng, side)
-    frequency, width = rng.uniform(6, 30), rng.uniform(0.1, 0.35)
+    frequency = rng.uniform(6, 30)
+    width = rng.uniform(0.1, 0.35)
     lines_u = np.abs(np.sin(np.pi * frequency * u)) < width
     lines_v = np.abs(np.sin(np.pi * frequency * (u + v) / np.sqrt(2))) < width
     return (lines_u | lines_v).astype(np.float32)
@@ -58,7 +59,8 @@ def _grid(rng: np.random.Generator, side: int) -> np.ndarray:
 
 def _dots(rng: np.random.Generator, side: int) -> np.ndarray:
     image = Image.new("L", (side, side))
-    draw, radius = ImageDraw.Draw(image), rng.uniform(3, 18)
+    draw = ImageDraw.Draw(image)
+    radius = rng.uniform(3, 18)
     for cy, cx in rng.uniform(0, side, (int(rng.uniform(0.2, 0.6) * (side / radius) ** 2), 2)):
         r = radius * rng.uniform(0.6, 1.2)
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)

@@ -74,8 +74,10 @@ class _Frame:
     def of(cls, pose: Pose) -> "_Frame":
         n = pose.size * SCENE_SUPERSAMPLE
         y, x = (np.mgrid[0:n, 0:n].astype(np.float32) + 0.5) / SCENE_SUPERSAMPLE
-        dx, dy = x - pose.centre[0], y - pose.centre[1]
-        c, s = np.cos(pose.angle), np.sin(pose.angle)
+        dx = x - pose.centre[0]
+        dy = y - pose.centre[1]
+        c = np.cos(pose.angle)
+        s = np.sin(pose.angle)
         return cls(x, y, (c * dx + s * dy) / pose.scale, (-s * dx + c * dy) / pose.scale)
 
 
@@ -108,7 +110,8 @@ def _hex_nut(frame: _Frame, pose: Pose) -> tuple[Field, RGB]:
     size = pose.size
     corner = 0.33 * size
     flat = corner * np.cos(np.pi / 6)
-    u, v = frame.u, frame.v
+    u = frame.u
+    v = frame.v
     r = np.hypot(u, v)
     theta = np.arctan2(v, u) + pose.angle  # image-frame direction of each point from the centre
     hexagon = np.max([np.abs(u * np.cos(k * np.pi / 3) + v * np.sin(k * np.pi / 3)) for k in range(3)], axis=0)
@@ -125,10 +128,16 @@ def _hex_nut(frame: _Frame, pose: Pose) -> tuple[Field, RGB]:
 
 def _screw_half_width(frame: _Frame, size: int) -> tuple[Field, Field]:
     """Outline of a pan-head screw lying along u: half width at each point, and where the shank is."""
-    length, head, tip = 0.72 * size, 0.11 * size, 0.09 * size
-    start, end = -length / 2, length / 2
-    head_half, shank_half, pitch = 0.085 * size, 0.042 * size, 0.04 * size
-    u, v = frame.u, frame.v
+    length = 0.72 * size
+    head = 0.11 * size
+    tip = 0.09 * size
+    start = -length / 2
+    end = length / 2
+    head_half = 0.085 * size
+    shank_half = 0.042 * size
+    pitch = 0.04 * size
+    u = frame.u
+    v = frame.v
     in_head = (u >= start) & (u < start + head)
     rounding = np.sqrt(np.clip(1 - ((start + 0.45 * head - u) / (0.45 * head)) ** 2, 0, 1))
     head_half_width = head_half * np.where(u < start + 0.45 * head, rounding, 1.0)
@@ -228,7 +237,8 @@ def render(category: str, pose: Pose, defect: str | None = None, rng: np.random.
     if defect is not None and (defect not in OBJECT_DEFECTS or rng is None):
         msg = f"Defect {defect!r} needs a generator and one of {list(OBJECT_DEFECTS)}."
         raise ValueError(msg)
-    kind, size = OBJECTS[category], pose.size
+    kind = OBJECTS[category]
+    size = pose.size
     unit = size / 256
     frame = _Frame.of(pose)
     alpha, colour = kind.shape(frame, pose)

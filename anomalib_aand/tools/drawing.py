@@ -29,8 +29,10 @@ def blob(size: int, centre: np.ndarray, radius: float, rng: np.random.Generator,
     for harmonic in range(2, 7):
         r += roughness / harmonic * rng.normal() * np.cos(harmonic * angles + rng.uniform(0, 2 * np.pi))
     r = radius * np.clip(r, 0.4, 1.8)
-    stretch, turn = rng.uniform(0.6, 1.0), rng.uniform(0, np.pi)
-    x, y = r * np.cos(angles), r * stretch * np.sin(angles)
+    stretch = rng.uniform(0.6, 1.0)
+    turn = rng.uniform(0, np.pi)
+    x = r * np.cos(angles)
+    y = r * stretch * np.sin(angles)
     x, y = x * np.cos(turn) - y * np.sin(turn), x * np.sin(turn) + y * np.cos(turn)
     canvas = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
     outline = [((centre[0] + a) * SUPERSAMPLE, (centre[1] + b) * SUPERSAMPLE) for a, b in zip(x, y, strict=True)]
@@ -42,7 +44,8 @@ def walk(
     start: np.ndarray, heading: float, steps: int, step: float, turn: float, rng: np.random.Generator
 ) -> np.ndarray:
     """A path of ``steps`` segments whose heading changes by N(0, ``turn``) per segment."""
-    points, position = [start], start.astype(np.float64)
+    points = [start]
+    position = start.astype(np.float64)
     for _ in range(steps):
         heading += rng.normal(0.0, turn)
         position = position + step * np.array([np.cos(heading), np.sin(heading)])

@@ -4,10 +4,9 @@ AAND's anomaly signal is ``1 - cos`` between the amplified teacher features and 
 NNCF's defaults (what anomalib 2.7's ``INT8_PTQ`` runs, NNCF 3.4) also quantise the element-wise products,
 sums and the Gaussian blur that compute the map from the features. Their ranges come from calibration images,
 which are all normal, so defective values are clipped at the normal maximum and every score falls below the
-FP32 threshold baked into the graph; the quantised products also blur the finest scale's distance
-(``benchmarks/int8_stages.py`` shows it stage by stage). This recipe quantises the convolutions of teacher,
-RAA and student as NNCF does, with three exceptions measured on the demo categories
-(``benchmarks/int8_recipes.py``, three calibration splits each):
+FP32 threshold baked into the graph; the quantised products also blur the finest scale's distance. This recipe
+quantises the convolutions of teacher, RAA and student as NNCF does, with three exceptions measured on the demo
+categories (three calibration splits each; the tables are in docs/export.md):
 
 - everything after the last feature maps stays in float: the cosine distance, the upsampling, the blur and
   anomalib's normalisation;
@@ -34,7 +33,7 @@ that metric go back to float until the drop is within ``max_drop``.
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
     from anomalib.data import AnomalibDataModule
     from torchmetrics import Metric
 
-Recipe = Literal["anomalib", "aand"]
 WEIGHTED_OPS = {"Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData"}
 SKIPPED_OPS = {"Parameter", "Constant", "Result"}
 FLOAT_TYPES = ["GroupConvolution"]  # depthwise convolutions stay in float (module docstring)
@@ -181,23 +179,18 @@ class SyntheticAnomalyCalibration:
 def quantize(
     model: "ov.Model",
     calibration: Iterable[Any],
-    recipe: Recipe = "aand",
     transform: Callable[[Any], Any] | None = None,
 ) -> "ov.Model":
-    """Quantise an OpenVINO ``model`` of AAND's exported chain with NNCF.
+    """Quantise an OpenVINO ``model`` of AAND's exported chain with NNCF, with AAND's recipe (module docstring).
 
     Args:
         model: FP32 ``openvino.Model``.
-        calibration: Calibration items (a DataLoader or a list of arrays), normal images only.
-        recipe: ``"aand"``: this package's recipe (float tail, depthwise and finest-scale convolutions,
-            calibration with synthetic anomalies; see the module docstring); ``"anomalib"``: NNCF's defaults,
-            what anomalib 2.7's ``INT8_PTQ`` runs.
+        calibration: Calibration items (a DataLoader or a list of arrays), normal images only; each is followed by
+            a copy with a synthetic anomaly.
         transform: ``nncf.Dataset``'s ``transform_func`` (e.g. ``lambda batch: batch["image"]``).
     """
     import nncf
 
-    if recipe == "anomalib":
-        return nncf.quantize(model, nncf.Dataset(calibration, transform))
     dataset = nncf.Dataset(SyntheticAnomalyCalibration(calibration, transform))
     return nncf.quantize(model, dataset, ignored_scope=float_scope(model))
 
