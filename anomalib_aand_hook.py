@@ -1,18 +1,17 @@
-"""Start-up hook, run by ``anomalib_aand.pth``: makes ``anomalib benchmark`` work with Aand.
+"""Start-up hook, run by ``anomalib_aand.pth``: lets ``anomalib benchmark`` run Aand.
 
-anomalib 2.7's ``get_model`` (used by ``anomalib benchmark``) only instantiates classes found in
-``anomalib.models``. Importing this module puts one small finder on ``sys.meta_path`` and imports
-nothing; only when a program itself imports
+anomalib 2.7's ``get_model`` (used by ``anomalib benchmark``) instantiates only classes found in ``anomalib.models``
+or in its allowed modules. Importing this module puts one small finder on ``sys.meta_path`` and imports nothing;
+only when a program itself imports
 
-- ``anomalib.models``: ``anomalib_aand`` is imported and registers ``Aand`` there
-  (``anomalib_aand.register``);
+- ``anomalib.models``: ``anomalib_aand`` joins ``ALLOWED_MODULES`` and ``anomalib.models.Aand`` becomes a name
+  that imports ``anomalib_aand.Aand`` when asked for (``expose_aand``). Nothing is imported before that;
 - ``anomalib.pipelines.benchmark.job``, for anomalib versions in ``COLLECT_PATCH_VERSIONS`` only:
-  ``BenchmarkJob.collect`` is replaced, for every user of that anomalib, by one that accepts results
-  with different keys. anomalib 2.7.0's raises ``ValueError: All arrays must be of the same length``
-  (and writes no results file) as soon as two models in one benchmark differ in their ``init_args``
-  or metrics, as Aand and ReverseDistillation do. The newest upstream source stored here still has
-  it; 2.7 is the oldest anomalib this package supports and 3.0 the first it does not, so the range
-  is ``>=2.7,<3``: narrow it once upstream fixes ``collect``.
+  ``BenchmarkJob.collect`` is wrapped so that, when anomalib's own fails, the results are still tabulated
+  (``patch_benchmark_collect``). anomalib 2.7.0's raises ``ValueError: All arrays must be of the same length``
+  (and writes no results file) as soon as two models in one benchmark differ in their ``init_args`` or metrics,
+  as Aand and ReverseDistillation do. Where anomalib's succeeds, its result is returned unchanged. 2.7 is the
+  oldest anomalib this package supports and 3.0 the first it does not: narrow the range once upstream fixes it.
 
 Failures only warn: the hook must never break an unrelated program.
 """
@@ -21,23 +20,26 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-
-def _register_aand(module: Any) -> None:  # noqa: ANN401
-    del module
-    if "anomalib_aand" in sys.modules:  # being imported (it imported anomalib.models): it registers itself
-        return
-    import anomalib_aand  # noqa: F401  (registers Aand on import)
-
-
-def _collect_results(results: list[dict[str, Any]]) -> Any:  # noqa: ANN401
-    """One row per job; a column a job lacks is empty in its row."""
-    import pandas as pd
-
-    return pd.DataFrame(results)
-
-
-# anomalib versions (major, minor) whose ``BenchmarkJob.collect`` needs the patch: [first, last).
+# anomalib versions (major, minor) whose ``BenchmarkJob.collect`` fails on results with different keys: [first, last).
 COLLECT_PATCH_VERSIONS = ((2, 7), (3, 0))
+
+
+def expose_aand(models: Any) -> None:  # noqa: ANN401  (the module anomalib.models)
+    """Let ``get_model`` find ``Aand`` and ``anomalib_aand.Aand`` in ``models`` without importing the package yet."""
+    models.ALLOWED_MODULES.add("anomalib_aand")
+    fallback = models.__dict__.get("__getattr__")
+
+    def lazy_attribute(name: str) -> Any:  # noqa: ANN401
+        if name == "Aand":
+            from anomalib_aand import Aand  # registers itself as models.Aand
+
+            return Aand
+        if fallback is not None:
+            return fallback(name)
+        msg = f"module {models.__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+
+    models.__getattr__ = lazy_attribute
 
 
 def _release(version: str) -> tuple[int, int]:
@@ -47,17 +49,31 @@ def _release(version: str) -> tuple[int, int]:
 
 
 def patch_benchmark_collect(module: Any, anomalib_version: str | None = None) -> bool:  # noqa: ANN401
-    """Replace ``module.BenchmarkJob.collect`` if the anomalib version (default: the imported one) needs it."""
+    """Wrap ``module.BenchmarkJob.collect`` if the anomalib version (default: the imported one) needs it.
+
+    The wrapper returns anomalib's own result; only when that raises (``ValueError`` for rows of different lengths,
+    ``KeyError`` for a key the first row lacks) it builds one row per job, a column a job lacks empty in its row.
+    """
     version = anomalib_version or getattr(sys.modules.get("anomalib"), "__version__", "0.0")
     first, last = COLLECT_PATCH_VERSIONS
     if not first <= _release(version) < last:
         return False
-    module.BenchmarkJob.collect = staticmethod(_collect_results)
+    collect = module.BenchmarkJob.collect
+
+    def collect_results(results: list[dict[str, Any]]) -> Any:  # noqa: ANN401  (a pandas DataFrame)
+        try:
+            return collect(results)
+        except (ValueError, KeyError):
+            import pandas as pd
+
+            return pd.DataFrame(results)
+
+    module.BenchmarkJob.collect = staticmethod(collect_results)
     return True
 
 
 ACTIONS: dict[str, Callable[[Any], object]] = {
-    "anomalib.models": _register_aand,
+    "anomalib.models": expose_aand,
     "anomalib.pipelines.benchmark.job": patch_benchmark_collect,
 }
 

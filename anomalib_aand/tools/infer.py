@@ -36,16 +36,25 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from anomalib.deploy import OpenVINOInferencer
-from anomalib.visualization.image.functional import overlay_image, visualize_anomaly_map
 from numpy.typing import ArrayLike
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from anomalib_aand.workarounds import quiet_anomalib_import
+
+with quiet_anomalib_import():
+    from anomalib.deploy import OpenVINOInferencer
+    from anomalib.visualization.image.functional import overlay_image, visualize_anomaly_map
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-SCORES, ERRORS, OVERLAYS = "scores.csv", "errors.csv", "overlays"
+SCORES = "scores.csv"
+ERRORS = "errors.csv"
+OVERLAYS = "overlays"
 OVERLAY_MAX_SIDE = 1024
-EXIT_OK, EXIT_SKIPPED, EXIT_NOT_RUN, EXIT_INFERENCE_FAILED = 0, 1, 2, 3
+EXIT_OK = 0
+EXIT_SKIPPED = 1
+EXIT_NOT_RUN = 2
+EXIT_INFERENCE_FAILED = 3
 
 
 class Prediction(Protocol):
@@ -204,7 +213,8 @@ def run(
     (None: when stderr is a terminal). Unreadable files are skipped and listed in ``RunResult.failed``.
     Raises ``InferInputError`` before anything is run, ``InferenceFailedError`` when the model fails.
     """
-    images, out = Path(images), Path(out)
+    images = Path(images)
+    out = Path(out)
     paths = find_images(images, out)
     if not paths:
         msg = (
@@ -228,7 +238,8 @@ def run(
     result = RunResult(out=out)
     out.mkdir(parents=True, exist_ok=True)
     with (out / SCORES).open("w", newline="") as scores, (out / ERRORS).open("w", newline="") as errors:
-        score_writer, error_writer = csv.writer(scores), csv.writer(errors)
+        score_writer = csv.writer(scores)
+        error_writer = csv.writer(errors)
         for file, header in ((scores, ("image", "score", "label")), (errors, ("image", "error"))):
             csv.writer(file).writerow(header)
             file.flush()
@@ -251,7 +262,8 @@ def run(
                     f"scored before it are in {out / SCORES}."
                 )
                 raise InferenceFailedError(msg) from error
-            score, label = _first(prediction.pred_score), bool(_first(prediction.pred_label))
+            score = _first(prediction.pred_score)
+            label = bool(_first(prediction.pred_label))
             try:
                 _save_atomically(overlay(display, np.asarray(prediction.anomaly_map)[0]), overlay_path(out, relative))
                 score_writer.writerow((str(relative), f"{score:.6f}", int(label)))
