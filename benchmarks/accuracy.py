@@ -284,7 +284,7 @@ def write_report(
     if len(seeds) > 1:
         settings += " Cells: mean ± sample std over seeds."
     lines = provenance_lines(source)
-    if list(runs) != [source]:
+    if runs and list(runs) != [source]:
         lines += ["", "Results measured by:", ""] + [f"- `{r['command']}` on {r['machine']}" for r in runs]
     (args.output / "accuracy.md").write_text("\n".join(lines) + f"\n\n{settings}\n\n{table}\n")
     means = {n: {k: rows["mean"][k][0] for k in REPORTED} for n, rows in summary.items() if "mean" in rows}
