@@ -13,8 +13,9 @@ Reports image AUROC, pixel AUROC, AUPRO (FPR limit 0.3), training seconds and in
 image (batch 1, full pre-process -> model -> post-process chain) per category and on average, as
 ``accuracy.md`` and ``accuracy.png`` in the output folder; raw results accumulate in
 ``results.json`` (a rerun skips what is there; ``--fresh`` starts over), with each distillation
-model's per-epoch training loss, summarised in a second table to show convergence. Thresholds,
-epochs and every other setting are fixed up front: nothing is chosen on the test split.
+model's per-epoch training loss, summarised in a second table to show convergence, and the command and
+machine of every invocation that added results. Thresholds, epochs and every other setting are fixed up
+front: nothing is chosen on the test split.
 
 Seeds: ``--seeds 0 1 2`` repeats every run with the training seed and the demo-data seed set to each
 value (demo categories of seed S > 0 are generated into ``DATA-seedS``, seed 0 uses ``DATA``; other
@@ -24,8 +25,7 @@ and a second table compares the first model with each other one: a difference is
 ``|mean difference| ≤ max(std of the two)``.
 
 ``--aand-args '{"normalization": "teacher"}'`` passes extra keyword arguments to the three AAND
-contestants (aand, rd, hkd) for trials; they are recorded in ``results.json`` and in the report. ``--save-maps``
-keeps every test anomaly map (``maps/MODEL/CATEGORY-seedS.npz``) for ``benchmarks/map_errors.py``.
+contestants (aand, rd, hkd) for trials; they are recorded in ``results.json`` and in the report.
 
     python benchmarks/accuracy.py --data datasets/demo --output results/benchmark \
         --stage1-epochs 10 --stage2-epochs 60 --batch-size 8 --seeds 0 1 2
@@ -44,13 +44,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, Evaluator
 from anomalib.models import Padim, Patchcore
 from anomalib.models.components import AnomalibModule
+from common import provenance, provenance_lines, seconds
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
 from anomalib_aand import Aand
@@ -131,43 +131,17 @@ class LossCurve(Callback):
             self.losses.setdefault(key, []).append(float(value))
 
 
-class MapRecorder(Callback):
-    """Keeps every test image's anomaly map, ground truth, score and path (for ``benchmarks/map_errors.py``)."""
-
-    def __init__(self) -> None:
-        self.parts: dict[str, list] = {"anomaly_map": [], "gt_mask": [], "pred_score": [], "gt_label": [], "path": []}
-
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, *args) -> None:  # noqa: ANN001
-        """Store the batch's post-processed predictions."""
-        del trainer, pl_module, batch, args
-        self.parts["anomaly_map"].append(
-            outputs.anomaly_map.detach().float().squeeze(1).cpu().numpy().astype(np.float16)
-        )
-        self.parts["gt_mask"].append(outputs.gt_mask.detach().bool().squeeze(1).cpu().numpy())
-        self.parts["pred_score"].append(outputs.pred_score.detach().float().reshape(-1).cpu().numpy())
-        self.parts["gt_label"].append(outputs.gt_label.detach().int().reshape(-1).cpu().numpy())
-        self.parts["path"].extend(str(p) for p in outputs.image_path)
-
-    def save(self, path: Path) -> None:
-        """Write the collected arrays as one compressed ``.npz``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {k: np.concatenate(v) if k != "path" else np.asarray(v) for k, v in self.parts.items()}
-        np.savez_compressed(path, **arrays)
-
-
 def data_root(data: Path, category: str, seed: int) -> Path:
     """Where a category's images for ``seed`` lie: demo categories get one folder per seed (seed 0: ``data``)."""
     return data if seed == 0 or category not in CATEGORIES else data.with_name(f"{data.name}-seed{seed}")
 
 
-def prepare_data(data: Path, categories: Sequence[str], seeds: Sequence[int]) -> None:
-    """Generate missing demo categories (or regenerate the generator's own) with each seed's demo seed."""
-    for seed in seeds:
-        for category in categories:
-            root = data_root(data, category, seed)
-            folder = root / category
-            if category in CATEGORIES and (not folder.is_dir() or (folder / MARKER).is_file()):
-                generate_demo_dataset(root, [category], seed=seed)
+def prepare_data(data: Path, category: str, seed: int) -> None:
+    """Generate a missing demo category (or regenerate the generator's own) with the seed's demo seed."""
+    root = data_root(data, category, seed)
+    folder = root / category
+    if category in CATEGORIES and (not folder.is_dir() or (folder / MARKER).is_file()):
+        generate_demo_dataset(root, [category], seed=seed)
 
 
 @torch.no_grad()
@@ -175,12 +149,8 @@ def inference_ms(model: AnomalibModule, datamodule: MVTecAD, images: int = 20, w
     """Mean wall-clock milliseconds per image, batch 1, raw image -> post-processed prediction."""
     model.eval()
     batches = [item.image.unsqueeze(0) for item in list(datamodule.test_data)[: images + warmup]]
-    for image in batches[:warmup]:
-        model(image)
-    start = time.perf_counter()
-    for image in batches[warmup:]:
-        model(image)
-    return 1000 * (time.perf_counter() - start) / max(1, len(batches) - warmup)
+    feed = iter(batches)
+    return 1000 * statistics.fmean(seconds(lambda: model(next(feed)), warmup, max(1, len(batches) - warmup)))
 
 
 def run_one(name: str, category: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
@@ -195,9 +165,9 @@ def run_one(name: str, category: str, seed: int, args: argparse.Namespace) -> di
         num_workers=args.workers,
         seed=seed,
     )
-    curve, maps = LossCurve(), MapRecorder()
+    curve = LossCurve()
     engine = Engine(
-        callbacks=([curve] if isinstance(model, Aand) else []) + ([maps] if args.save_maps else []),
+        callbacks=[curve] if isinstance(model, Aand) else [],
         default_root_dir=args.output / "runs",
         logger=False,
         accelerator="cpu",
@@ -209,8 +179,6 @@ def run_one(name: str, category: str, seed: int, args: argparse.Namespace) -> di
     engine.fit(model=model, datamodule=datamodule)
     train_s = time.perf_counter() - start
     metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
-    if args.save_maps:
-        maps.save(args.output / "maps" / name / f"{category}-seed{seed}.npz")
     result = {key: float(metrics[key]) for key in METRICS}
     result.update(train_s=train_s, infer_ms=inference_ms(model, datamodule), load_1min=os.getloadavg()[0])
     result.update(curve.losses)
@@ -281,9 +249,18 @@ def _ties(summary: dict[str, dict[str, dict]], models: Sequence[str], categories
 
 
 def write_report(
-    results: dict, models: Sequence[str], categories: Sequence[str], seeds: Sequence[int], args: argparse.Namespace
+    results: dict,
+    models: Sequence[str],
+    categories: Sequence[str],
+    seeds: Sequence[int],
+    args: argparse.Namespace,
+    source: dict[str, str],
+    runs: Sequence[dict[str, str]] = (),
 ) -> str:
-    """Markdown table (per category and mean, mean ± std over seeds), ties, convergence, and a bar chart."""
+    """Markdown table (per category and mean, mean ± std over seeds), ties, convergence, and a bar chart.
+
+    ``source``: this invocation's command and machine; ``runs``: those of every invocation that added results.
+    """
     header = "| model | category | " + " | ".join(METRICS.values()) + " | train s | infer ms/img |"
     lines = [header, "|" + "---|" * (len(METRICS) + 4)]
     summary = summarise(results, models, categories)
@@ -306,9 +283,12 @@ def write_report(
         settings += f" AAND extra arguments: {json.dumps(args.aand_args)}."
     if len(seeds) > 1:
         settings += " Cells: mean ± sample std over seeds."
-    (args.output / "accuracy.md").write_text(f"{settings}\n\n{table}\n")
+    lines = provenance_lines(source)
+    if runs and list(runs) != [source]:
+        lines += ["", "Results measured by:", ""] + [f"- `{r['command']}` on {r['machine']}" for r in runs]
+    (args.output / "accuracy.md").write_text("\n".join(lines) + f"\n\n{settings}\n\n{table}\n")
     means = {n: {k: rows["mean"][k][0] for k in REPORTED} for n, rows in summary.items() if "mean" in rows}
-    _chart(means, args.output / "accuracy.png", settings)
+    _chart(means, args.output / "accuracy.png", settings, source)
     return table
 
 
@@ -331,7 +311,7 @@ def _convergence(results: dict, models: Sequence[str], categories: Sequence[str]
     )
 
 
-def _chart(means: dict[str, dict[str, float]], path: Path, title: str) -> None:
+def _chart(means: dict[str, dict[str, float]], path: Path, title: str, source: dict[str, str]) -> None:
     import matplotlib as mpl
 
     mpl.use("Agg")
@@ -357,9 +337,9 @@ def _chart(means: dict[str, dict[str, float]], path: Path, title: str) -> None:
             range(len(names)), [LABELS[n].split(" (")[0] for n in names], rotation=45, ha="right", fontsize=8
         )
         axis.set_title(label)
-    fig.suptitle(title, fontsize=7, wrap=True)
+    fig.suptitle(f"{source['command']}\n{title}", fontsize=7, wrap=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Description": f"Command: {source['command']}; machine: {source['machine']}"})
     plt.close(fig)
 
 
@@ -388,7 +368,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default={},
         help='extra Aand arguments (JSON) for the AAND contestants, e.g. \'{"normalization": "teacher"}\'',
     )
-    parser.add_argument("--save-maps", action="store_true", help="keep test anomaly maps for benchmarks/map_errors.py")
     parser.add_argument("--output", type=Path, default=Path("results/benchmark"))
     parser.add_argument("--fresh", action="store_true", help="ignore results.json from an earlier run")
     return parser.parse_args(argv)
@@ -420,24 +399,29 @@ def main(
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     args.output.mkdir(parents=True, exist_ok=True)
-    prepare_data(args.data, args.categories, args.seeds)
+    source = provenance(__file__, argv)
     store = args.output / "results.json"
-    kept = {"categories", "models", "seeds", "fresh", "output", "save_maps", "aand_args"}
+    kept = {"categories", "models", "seeds", "fresh", "output", "aand_args"}
     settings = {k: str(v) for k, v in vars(args).items() if k not in kept}
     settings["aand_args"] = args.aand_args
     saved = json.loads(store.read_text()) if store.is_file() and not args.fresh else {}
-    results = saved.get("results", {}) if saved.get("settings") == settings else {}
+    if saved.get("settings") != settings:
+        saved = {}
+    results, runs = saved.get("results", {}), saved.get("runs", [])
     for seed in args.seeds:
         for category in args.categories:
             for name in args.models:
                 if str(seed) in results.get(name, {}).get(category, {}):
                     continue
+                prepare_data(args.data, category, seed)
                 print(f"[accuracy] {name} on {category}, seed {seed} ...", flush=True)
                 row = run(name, category, seed, args)
                 results.setdefault(name, {}).setdefault(category, {})[str(seed)] = row
                 print(f"[accuracy] {name} on {category}, seed {seed}: {row}", flush=True)
-                store.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
-    table = write_report(results, args.models, args.categories, args.seeds, args)
+                if source not in runs:
+                    runs.append(source)
+                store.write_text(json.dumps({"settings": settings, "runs": runs, "results": results}, indent=1))
+    table = write_report(results, args.models, args.categories, args.seeds, args, source, runs)
     print(table)
     print(f"Table: {args.output / 'accuracy.md'}  chart: {args.output / 'accuracy.png'}")
     return table

@@ -2,15 +2,13 @@
 
 Trains AAND on one MVTec-layout category (or loads ``--ckpt``) and builds the OpenVINO IRs with the calls
 ``anomalib export --export_type openvino`` makes (``Aand.to_openvino``): FP32, ``--compression_type FP16`` and
-``--compression_type INT8_PTQ`` (AAND's recipe, :mod:`anomalib_aand.export`), calibrated on the datamodule's
-validation split taken from the *training* images (``val_split_mode=from_train``, as the README documents).
-For comparison it also quantises the FP32 IR with NNCF's defaults on the same calibration images, which is what
-anomalib 2.7's ``INT8_PTQ`` runs for models without an override, and builds ``--compression_type INT8_ACQ``
+``--compression_type INT8_PTQ`` (AAND's recipe), calibrated on the datamodule's validation split taken from the
+*training* images (``val_split_mode=from_train``, as the README documents), and ``--compression_type INT8_ACQ``
 (AAND's recipe under NNCF's accuracy control: image AUROC on the test split, ``--max-drop``; its test figures
 are therefore not independent of its choice, unless ``--acq-holdout``: it then validates on the even-numbered
 test images and every figure is computed on the odd-numbered ones). Reports image AUROC, pixel AUROC and
-AUPRO (FPR limit 0.3) per runtime, the largest score / map difference from FP32 and the share of convolutions
-that run in INT8.
+AUPRO (FPR limit 0.3) per runtime, the largest score / map difference from FP32 and how many convolutions
+run in INT8, in ``export_accuracy.md`` and ``export_accuracy.json`` (with the command and the machine).
 
     python -m anomalib_aand.tools.demo --root datasets/demo --categories brick
     python benchmarks/export_accuracy.py --root datasets/demo --category brick --ckpt CKPT --out results/export_accuracy
@@ -18,7 +16,6 @@ that run in INT8.
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 from anomalib.data import ImageBatch, MVTecAD
-from anomalib.data.utils import ValSplitMode, read_image, read_mask
+from anomalib.data.utils import read_image, read_mask
 from anomalib.deploy import CompressionType
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC
-from scipy.stats import rankdata
+from common import auroc, calibration_data, load_average, provenance, provenance_lines
 
 from anomalib_aand import Aand
 
@@ -88,41 +85,12 @@ def half_test_root(root: Path, category: str, workdir: Path) -> Path:
     return workdir / "even"
 
 
-def calibration_data(root: Path, category: str, val_split_ratio: float, seed: int | None = None) -> MVTecAD:
-    """The datamodule `anomalib export --compression_type INT8_PTQ` gets: a validation split of training images."""
-    return MVTecAD(
-        root=root,
-        category=category,
-        eval_batch_size=8,
-        num_workers=0,
-        val_split_mode=ValSplitMode.FROM_TRAIN,
-        val_split_ratio=val_split_ratio,
-        seed=seed,
-    )
-
-
 def predict(compiled: Any, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN401
     """Scores and anomaly maps of a compiled OpenVINO IR, one image at a time."""
     result = [compiled(image[None].numpy()) for image in images]
     return np.concatenate([r["pred_score"].reshape(-1) for r in result]), np.concatenate(
         [r["anomaly_map"] for r in result]
     )
-
-
-def auroc(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Area under the ROC curve from ranks (ties share their mean rank); NaN for non-finite scores or one class.
-
-    Exact for scores of any range: torchmetrics' BinaryAUROC passes scores outside [0, 1] through a sigmoid,
-    which in float32 turns large raw scores (PatchCore's 10-45) into ties.
-    """
-    values = np.asarray(scores, np.float64).ravel()
-    labels = np.asarray(targets).ravel().astype(bool)
-    positives = int(labels.sum())
-    negatives = labels.size - positives
-    if positives == 0 or negatives == 0 or not np.isfinite(values).all():
-        return float("nan")
-    ranks = rankdata(values)
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
 def aupro(maps: np.ndarray, masks: np.ndarray) -> float:
@@ -158,7 +126,7 @@ def markdown_table(header: str, rows: list[dict[str, object]]) -> list[str]:
     ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True)
@@ -177,12 +145,11 @@ def main() -> None:
         help="INT8_ACQ validates on the even-numbered test images; report every runtime on the odd-numbered ones",
     )
     parser.add_argument("--out", type=Path, default=Path("results/export_accuracy"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    source = provenance(__file__, argv)
 
     import openvino as ov
-
-    from anomalib_aand.export import quantize
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -211,14 +178,6 @@ def main() -> None:
             ),
         }
         core = ov.Core()
-        defaults = quantize(
-            core.read_model(xml["fp32"]),
-            calibration.val_dataloader(),
-            recipe="anomalib",
-            transform=lambda b: b["image"],
-        )
-        xml["int8 nncf defaults"] = workdir / "int8_defaults.xml"
-        ov.save_model(defaults, xml["int8 nncf defaults"], compress_to_fp16=False)
         n_calibration = len(calibration.val_dataloader().dataset)
         with torch.no_grad():
             torch_out = model(images)
@@ -230,7 +189,6 @@ def main() -> None:
         }
         names = {"fp32": "OpenVINO FP32", "fp16": "OpenVINO FP16", "int8": "OpenVINO INT8 (AAND recipe)"}
         names["int8 acq"] = f"OpenVINO INT8_ACQ (AAND recipe, image AUROC max_drop {args.max_drop})"
-        names["int8 nncf defaults"] = "OpenVINO INT8 (NNCF defaults = anomalib 2.7)"
         for key, name in names.items():
             graph = core.read_model(xml[key])
             scores, maps = predict(core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), images)
@@ -261,10 +219,10 @@ def main() -> None:
     )
     if args.acq_holdout:
         header += "; INT8_ACQ validated on the even-numbered test images, every figure on the odd-numbered ones"
-    lines = markdown_table(header, rows)
+    lines = [*provenance_lines(source), "", *markdown_table(header, rows)]
     (args.out / "export_accuracy.md").write_text("\n".join(lines) + "\n")
     (args.out / "export_accuracy.json").write_text(
-        json.dumps({"header": header, "rows": rows, "load": os.getloadavg()}, indent=1)
+        json.dumps({**source, "header": header, "rows": rows, "load": load_average()}, indent=1)
     )
     print("\n".join(lines))
 

@@ -5,8 +5,10 @@ modules + student) and ``Aand(stage1_epochs=0)``, which has no RAA modules (the 
 Each is timed as anomalib exports it (pre-process -> model -> post-process) on raw 256 px images at
 batch 1 and 8: median milliseconds per image over ``--repeats`` runs after ``--warmup`` runs.
 OpenVINO FP32 and FP16 (weights stored in FP16, ``compress_to_fp16``) run with ``INFERENCE_PRECISION_HINT=f32``;
-INT8 is the IR that ``Aand.to_openvino(compression_type=INT8_PTQ)`` writes (:func:`anomalib_aand.export.quantize`),
-calibrated on ``--calibration`` images (training images). Weights are random: latency does not depend on them.
+INT8 is the IR that ``Aand.to_openvino(compression_type=INT8_PTQ)`` writes (``anomalib export --compression_type
+INT8_PTQ``), calibrated on half the training images of ``--calibration`` (an MVTec-layout category folder;
+default: a generated demo ``brick`` category), as the README's export command does. Weights are random:
+latency does not depend on them.
 
 The physical limit: the same run times probes shaped like the models' layers (two square float32 GEMMs and two
 3x3 convolutions, in OpenVINO, in torch, and quantised to int8 by NNCF in OpenVINO); a runtime's peak is its
@@ -14,23 +16,23 @@ fastest probe (a single 2048 GEMM under-estimated this machine: convolutions bea
 that peak uses model FLOPs per image from torch's FLOP counter (one multiply-add = 2 FLOPs; INT8 against the
 int8 peak, the others against the best float32 peak).
 
-    python benchmarks/latency.py --calibration datasets/demo/brick/train/good --out results/latency
+    python benchmarks/latency.py --calibration datasets/demo/brick --out results/latency
 
-Writes ``latency.md`` (Markdown table with the CPU's name, flags and load), ``latency.csv`` and ``latency.png``.
+Writes ``latency.md`` (Markdown tables, headed by the command, the machine and the load), ``latency.csv`` (its
+first lines, ``#`` comments, name the command and the machine) and ``latency.png``.
 """
 
 import argparse
 import functools
-import os
-import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from anomalib.deploy import CompressionType
+from common import calibration_data, demo_category, load_average, provenance, provenance_lines, seconds
 from torch.utils.flop_counter import FlopCounterMode
 
 from anomalib_aand import Aand
@@ -43,31 +45,6 @@ SIZE = 256
 BATCHES = (1, 8)
 RUNTIMES = ("torch eager", "OpenVINO FP32", "OpenVINO FP16", "OpenVINO INT8")
 SHORT = {"torch eager": "torch", "OpenVINO FP32": "OV FP32", "OpenVINO FP16": "OV FP16", "OpenVINO INT8": "OV INT8"}
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> str:
-    """The vector / matrix extensions that decide INT8 speed, as ``/proc/cpuinfo`` lists them."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags: set[str] = set()
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in ISA_FLAGS)
-
-
 # Peak probes: (input shape, weight shape). A 2-D weight is a MatMul, a 4-D one a 3x3 convolution (padding 1),
 # the shape of the models' own layers; the peak of a runtime is its fastest probe.
 PEAK_PROBES = {
@@ -146,46 +123,16 @@ def int8_conv_share(model: object) -> float:
     return quantised / total
 
 
-def load_average() -> str:
-    """1/5/15-minute load averages: other processes on the machine slow every timing."""
-    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def median_ms_per_image(run: Callable[[], object], batch: int, warmup: int, repeats: int) -> float:
     """Median wall time of ``run`` per image, in ms, warm-up runs excluded."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times) / batch
+    return 1000 * statistics.median(seconds(run, warmup, repeats)) / batch
 
 
-def calibration_images(folder: Path | None, count: int) -> list[np.ndarray]:
-    """Up to ``count`` images from ``folder`` as raw (1, 3, 256, 256) arrays in [0, 1]; random ones without a folder."""
-    if folder is None:
-        rng = np.random.default_rng(0)
-        return [rng.random((1, 3, SIZE, SIZE), dtype=np.float32) for _ in range(count)]
-    from anomalib.data.utils import read_image
-
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"})[:count]
-    if not paths:
-        msg = f"No images in --calibration {str(folder)!r}."
-        raise FileNotFoundError(msg)
-    images = [
-        torch.nn.functional.interpolate(read_image(p, as_tensor=True)[None], size=(SIZE, SIZE), mode="bilinear")
-        for p in paths
-    ]
-    return [image.numpy() for image in images]
-
-
-def measure(backbone: str, amplification: bool, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
-    """Parameters, GFLOPs and latencies of one model."""
+def measure(
+    backbone: str, amplification: bool, args: argparse.Namespace, workdir: Path, calibration: Path
+) -> dict[str, object]:
+    """Parameters, GFLOPs and latencies of one model; ``calibration``: an MVTec-layout category folder."""
     import openvino as ov
-
-    from anomalib_aand.export import quantize
 
     model = Aand(
         backbone=backbone, layers=TEACHERS[backbone], pre_trained=False, stage1_epochs=1 if amplification else 0
@@ -212,7 +159,13 @@ def measure(backbone: str, amplification: bool, args: argparse.Namespace, workdi
     threads = {"INFERENCE_NUM_THREADS": args.threads} if args.threads else {}
     fp32 = core.read_model(xml)
     ov.save_model(fp32, export_root / "fp16.xml", compress_to_fp16=True)
-    int8 = quantize(fp32, calibration_images(args.calibration, args.calibration_size), recipe=args.int8_recipe)
+    int8_xml = model.to_openvino(
+        export_root / "int8",
+        input_size=(SIZE, SIZE),
+        compression_type=CompressionType.INT8_PTQ,
+        datamodule=calibration_data(calibration.parent, calibration.name, size=SIZE),
+    )
+    int8 = core.read_model(int8_xml)
     row["int8_conv_share"] = int8_conv_share(int8)
     compiled = {
         "OpenVINO FP32": core.compile_model(fp32, "CPU", {"INFERENCE_PRECISION_HINT": "f32", **threads}),
@@ -234,7 +187,13 @@ def measure(backbone: str, amplification: bool, args: argparse.Namespace, workdi
     return row
 
 
-def write_report(rows: list[dict[str, object]], out: Path, header: str, probes: dict[str, dict[str, float]]) -> None:
+def write_report(
+    rows: list[dict[str, object]],
+    out: Path,
+    header: str,
+    probes: dict[str, dict[str, float]],
+    source: dict[str, str],
+) -> None:
     """Markdown tables (latency, the peak probes, share of the measured peak), CSV and a bar chart."""
     import matplotlib as mpl
 
@@ -243,9 +202,11 @@ def write_report(rows: list[dict[str, object]], out: Path, header: str, probes: 
     import pandas as pd
 
     peak = {name: max(rates[name] for rates in probes.values()) for name in PEAK_RUNTIMES}
-    frame = pd.DataFrame(rows)
-    frame.to_csv(out / "latency.csv", index=False)
-    lines = [header, "", "ms per image (median), 256 px; speed-up over torch eager in brackets.", ""]
+    with (out / "latency.csv").open("w") as csv:
+        csv.write(f"# command: {source['command']}\n# machine: {source['machine']}\n")
+        pd.DataFrame(rows).to_csv(csv, index=False)
+    lines = [*provenance_lines(source), "", header, ""]
+    lines += ["ms per image (median), 256 px; speed-up over torch eager in brackets.", ""]
     columns = ["teacher", "model", "params (M)", "GFLOPs", "conv MACs in int8"]
     for batch in BATCHES:
         columns += [f"{SHORT[r]} b{batch}" for r in RUNTIMES] + [f"INT8/FP32 b{batch}"]
@@ -316,42 +277,44 @@ def write_report(rows: list[dict[str, object]], out: Path, header: str, probes: 
         axis.set_ylabel("ms / image (median)")
         axis.set_title(f"batch {batch}, {SIZE} px")
         axis.legend(fontsize=8)
-    figure.suptitle(header.removeprefix("CPU: "), fontsize=9)
+    figure.suptitle(f"{source['command']}\n{source['machine']}", fontsize=7, wrap=True)
     figure.tight_layout()
-    figure.savefig(out / "latency.png", dpi=120)
+    figure.savefig(out / "latency.png", dpi=120, metadata={"Description": f"{source['command']}; {source['machine']}"})
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/latency"))
     parser.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
     parser.add_argument(
-        "--calibration", type=Path, default=None, help="training images for INT8 calibration (default: random)"
+        "--calibration",
+        type=Path,
+        default=None,
+        help="MVTec-layout category folder (ROOT/CATEGORY); half its training images calibrate INT8 "
+        "(default: a generated demo brick category)",
     )
-    parser.add_argument("--calibration-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--int8-recipe", choices=["aand", "anomalib"], default="aand", help="see anomalib_aand.export")
     parser.add_argument("--threads", type=int, default=0, help="threads for torch and OpenVINO (default: all cores)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.calibration and not (args.calibration / "train" / "good").is_dir():
+        parser.error(f"--calibration {args.calibration}: no train/good; give a category folder (datasets/demo/brick)")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    source = provenance(__file__, argv)
     loads = [load_average()]
     probes = measure_probes(args)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
+        calibration = args.calibration or demo_category(Path(workdir) / "data", n_train=64) / "brick"
         for backbone in args.teachers:
             for amplification in (True, False):
-                rows.append(measure(backbone, amplification, args, Path(workdir)))
+                rows.append(measure(backbone, amplification, args, Path(workdir), calibration))
                 loads.append(load_average())
-                header = (
-                    f"CPU: {cpu_name()}; flags: {cpu_flags()}; torch {torch.__version__} "
-                    f"({torch.get_num_threads()} threads); INT8 recipe {args.int8_recipe!r}; "
-                    f"load average (1/5/15 min) during the run: {loads[0]} ... {loads[-1]}"
-                )
-                write_report(rows, args.out, header, probes)  # after every model, so an interrupted run keeps its rows
+                header = f"Load average (1/5/15 min) during the run: {loads[0]} ... {loads[-1]}"
+                write_report(rows, args.out, header, probes, source)  # after every model: a stopped run keeps rows
 
 
 if __name__ == "__main__":

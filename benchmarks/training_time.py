@@ -1,19 +1,18 @@
 """Training time of AAND per epoch and stage, with and without the stage-2 feature cache, next to RD.
 
-Measures, on generated MVTec-layout data (``tests/conftest.py``'s ``make_mvtec_dataset``):
+Measures, on a generated MVTec-layout category (the package's demo ``brick``, ``--train-images`` images):
 seconds per stage-1 epoch, per stage-2 epoch with the cache (the first epoch fills it) and without,
 and per epoch of anomalib's own ReverseDistillation; then projects whole trainings: AAND's default
 schedule (``--stage1-epochs`` + ``--stage2-epochs``) against RD's ``--rd-epochs`` (anomalib's example
-config trains RD for 200). Training epochs only: no validation, no test.
+config trains RD for 200). Training epochs only: no validation, no test. Writes ``training_time.md`` (table,
+command, machine) and ``training_time.json`` (raw figures) into ``--out``.
 
     python benchmarks/training_time.py --backbones resnet18 tf_efficientnet_lite0 --image-size 256 --batch-size 8
 """
 
 import argparse
-import importlib.util
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from anomalib.data import MVTecAD
 from anomalib.models import ReverseDistillation
+from common import demo_category, load_average, provenance, provenance_lines
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
 from anomalib_aand import Aand
@@ -46,14 +46,10 @@ class EpochTimer(Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def _fit(model: LightningModule, root: Path, epochs: int, batch_size: int, workers: int) -> list[float]:
     seed_everything(0)
     datamodule = MVTecAD(
-        root=root, category="toy", train_batch_size=batch_size, eval_batch_size=batch_size, num_workers=workers
+        root=root, category="brick", train_batch_size=batch_size, eval_batch_size=batch_size, num_workers=workers
     )
     timer = EpochTimer()
     trainer = Trainer(
@@ -76,7 +72,7 @@ def measure(backbone: str, root: Path, args: argparse.Namespace) -> dict:
     """Epoch times of one teacher: AAND cached, AAND uncached."""
     layers = LAYERS.get(backbone, ("layer1", "layer2", "layer3"))
     common = {"backbone": backbone, "layers": layers, "pre_trained": False, "evaluator": False, "visualizer": False}
-    row: dict = {"backbone": backbone, "load_before": _load()}
+    row: dict = {"backbone": backbone, "load_before": load_average()}
     cached = _fit(Aand(stage1_epochs=1, stage2_epochs=3, **common), root, 4, args.batch_size, args.workers)
     plain = _fit(
         Aand(stage1_epochs=1, stage2_epochs=2, cache_features=False, **common), root, 3, args.batch_size, args.workers
@@ -88,7 +84,7 @@ def measure(backbone: str, root: Path, args: argparse.Namespace) -> dict:
         stage2_uncached_s=min(plain[1:]),
         epochs_cached=cached,
         epochs_uncached=plain,
-        load_after=_load(),
+        load_after=load_average(),
     )
     row["cached_over_uncached"] = row["stage2_cached_s"] / row["stage2_uncached_s"]
     s1, s2 = args.stage1_epochs, args.stage2_epochs
@@ -139,7 +135,7 @@ def interleaved_steps(backbone: str, args: argparse.Namespace) -> dict:
 
 def measure_rd(backbone: str, root: Path, args: argparse.Namespace) -> dict:
     """Epoch time of anomalib's ReverseDistillation (training only)."""
-    before = _load()
+    before = load_average()
     model = ReverseDistillation(backbone=backbone, pre_trained=False, evaluator=False, visualizer=False)
     epochs = _fit(model, root, 2, args.batch_size, args.workers)
     return {
@@ -148,21 +144,48 @@ def measure_rd(backbone: str, root: Path, args: argparse.Namespace) -> dict:
         "epochs": epochs,
         "total_s": args.rd_epochs * min(epochs),
         "load_before": before,
-        "load_after": _load(),
+        "load_after": load_average(),
     }
 
 
-def _data_maker():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location(
-        "aand_conftest", Path(__file__).resolve().parents[1] / "tests" / "conftest.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_mvtec_dataset
+def report(rows: list[dict], rd: dict, args: argparse.Namespace, source: dict[str, str]) -> str:
+    """Markdown: command, machine, the epoch-time table and the alternated-step ratios."""
+    lines = [
+        *provenance_lines(source),
+        "",
+        (
+            f"{args.train_images} train images of {args.image_size} px, batch {args.batch_size}. ReverseDistillation "
+            f"({rd['backbone']}): {rd['epoch_s']:.1f} s/epoch, {args.rd_epochs} epochs = {rd['total_s'] / 60:.1f} min "
+            f"(load {rd['load_before']} -> {rd['load_after']})."
+        ),
+        "",
+        (
+            "| teacher | student | stage 1 s/epoch | stage 2 s/epoch uncached "
+            "| stage 2 s/epoch cached (first, filling) | cached / uncached | AAND total, cache (min) "
+            "| AAND total, no cache (min) | AAND / RD | load avg (1, 5, 15 min) |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        layers = LAYERS.get(row["backbone"], ("layer1", "layer2", "layer3"))
+        student = "RD4AD (anomalib)" if uses_resnet_student(row["backbone"], layers) else "generic"
+        lines.append(
+            f"| {row['backbone']} | {student} | {row['stage1_s']:.1f} | {row['stage2_uncached_s']:.1f} | "
+            f"{row['stage2_cached_s']:.1f} ({row['stage2_fill_s']:.1f}) | {row['cached_over_uncached']:.2f} | "
+            f"{row['aand_total_cached_s'] / 60:.1f} | {row['aand_total_uncached_s'] / 60:.1f} | "
+            f"{row['aand_total_cached_s'] / rd['total_s']:.2f} | {row['load_before']} -> {row['load_after']} |"
+        )
+    if args.interleaved:
+        lines += ["", f"Stage-2 steps alternated {args.interleaved}x (median s per step, cached / uncached):", ""]
+        lines += [
+            f"- {r['backbone']}: {r['step_cached_s']:.2f} / {r['step_uncached_s']:.2f} = {r['step_ratio']:.2f}"
+            for r in rows
+        ]
+    return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    """Run the benchmark and print a markdown table and the raw figures (JSON)."""
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark; write (and print) the table and the raw figures."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["resnet18", "tf_efficientnet_lite0"])
     parser.add_argument("--rd-backbone", default="resnet18", help="ReverseDistillation backbone (ResNet family)")
@@ -175,64 +198,29 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="data loader workers")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--interleaved", type=int, default=5, help="alternated cached/uncached stage-2 steps (0: skip)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=Path("results/training_time"))
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("anomalib_aand").setLevel(logging.INFO)  # says whether stage 2 used the cache
-    device = (
-        torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} torch threads"
-    )
+    source = provenance(__file__, argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        _data_maker()(root, n_train=args.train_images, n_good=2, n_bad=2, size=args.image_size)
+        root = demo_category(Path(tmp), n_train=args.train_images, size=args.image_size)
         rows = [measure(backbone, root, args) for backbone in args.backbones]
         for row in rows:
             row.update(interleaved_steps(row["backbone"], args) if args.interleaved else {})
         rd = measure_rd(args.rd_backbone, root, args)
 
-    print(f"\nDevice: {device}; {args.train_images} train images of {args.image_size} px, batch {args.batch_size}.")
-    print(
-        f"ReverseDistillation ({rd['backbone']}): {rd['epoch_s']:.1f} s/epoch, {args.rd_epochs} epochs = "
-        f"{rd['total_s'] / 60:.1f} min (load {rd['load_before']} -> {rd['load_after']})\n"
-    )
-    print(
-        "| teacher | student | stage 1 s/epoch | stage 2 s/epoch uncached | stage 2 s/epoch cached (first, filling) "
-        "| cached / uncached | AAND total, cache (min) | AAND total, no cache (min) | AAND / RD "
-        "| load avg (1, 5, 15 min) |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        student = (
-            "RD4AD (anomalib)"
-            if uses_resnet_student(row["backbone"], LAYERS.get(row["backbone"], ("layer1", "layer2", "layer3")))
-            else "generic"
-        )
-        print(
-            f"| {row['backbone']} | {student} | {row['stage1_s']:.1f} | {row['stage2_uncached_s']:.1f} | "
-            f"{row['stage2_cached_s']:.1f} ({row['stage2_fill_s']:.1f}) | {row['cached_over_uncached']:.2f} | "
-            f"{row['aand_total_cached_s'] / 60:.1f} | {row['aand_total_uncached_s'] / 60:.1f} | "
-            f"{row['aand_total_cached_s'] / rd['total_s']:.2f} | {row['load_before']} -> {row['load_after']} |"
-        )
-    figures = {
-        "device": device,
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "aand": rows,
-        "reverse_distillation": rd,
-    }
-    if args.interleaved:
-        print(f"\nStage-2 steps alternated {args.interleaved}x (median s per step, cached / uncached):")
-        for row in rows:
-            print(
-                f"- {row['backbone']}: {row['step_cached_s']:.2f} / {row['step_uncached_s']:.2f} "
-                f"= {row['step_ratio']:.2f}"
-            )
-    print("\n" + json.dumps(figures, indent=1))
-    if args.json is not None:
-        args.json.write_text(json.dumps(figures, indent=1))
+    table = report(rows, rd, args, source)
+    figures = {**source, "args": {k: str(v) for k, v in vars(args).items()}, "aand": rows, "reverse_distillation": rd}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "training_time.md").write_text(table)
+    (args.out / "training_time.json").write_text(json.dumps(figures, indent=1))
+    print(table)
+    print(f"Written: {args.out / 'training_time.md'}, {args.out / 'training_time.json'}")
 
 
 if __name__ == "__main__":

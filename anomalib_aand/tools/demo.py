@@ -13,9 +13,7 @@ see on such a surface, drawn as a physical mark rather than as a noise blob:
 
 Object categories (``hex_nut``, ``screw``) are drawn procedurally, one object per image with pose
 and lighting jitter, and carry ``scratch``, ``missing``, ``contamination`` or ``colour`` defects on
-the object (see ``anomalib_aand.tools.demo_objects``). Their folder also holds ``object_masks.npz``:
-the object's silhouette for every image, keyed by the image's path without suffix
-(``test/good/000``); anomalib does not read it.
+the object (see ``anomalib_aand.tools.demo_objects``).
 
 The layout is what anomalib's ``MVTecAD`` reads unchanged::
 
@@ -54,7 +52,6 @@ TINTS = {"brick": (1.0, 0.66, 0.52), "grass": (0.62, 0.9, 0.45), "gravel": (0.95
 DEFECTS = ("scratch", "crack", "hole", "stain", "contamination")
 CATEGORIES = (*TEXTURES, *OBJECTS)
 MARKER = ".anomalib_aand_demo.json"
-OBJECT_MASKS = "object_masks.npz"
 
 RGB = np.ndarray  # (H, W, 3) float in [0, 1]
 Mask = np.ndarray  # (H, W) bool
@@ -201,32 +198,32 @@ def defects_of(category: str) -> tuple[str, ...]:
 
 def _texture_images(
     category: str, n_train: int, n_good: int, defects: Sequence[str], size: int, rng: np.random.Generator
-) -> Iterator[tuple[str, np.ndarray, Mask | None, Mask | None]]:
-    """``(relative path without suffix, image uint8, defect mask or None, object mask or None)`` per image."""
+) -> Iterator[tuple[str, np.ndarray, Mask | None]]:
+    """``(relative path without suffix, image uint8, defect mask or None)`` per image."""
     texture, tint = TEXTURES[category](), TINTS[category]
     for i in range(n_train):
-        yield f"train/good/{i:03d}", _camera_noise(_normal_image(texture, tint, size, rng), rng), None, None
+        yield f"train/good/{i:03d}", _camera_noise(_normal_image(texture, tint, size, rng), rng), None
     for i in range(n_good):
-        yield f"test/good/{i:03d}", _camera_noise(_normal_image(texture, tint, size, rng), rng), None, None
+        yield f"test/good/{i:03d}", _camera_noise(_normal_image(texture, tint, size, rng), rng), None
     counts = dict.fromkeys(defects, 0)
     for kind in defects:
         image, mask = DRAW[kind](_normal_image(texture, tint, size, rng), rng)
-        yield f"test/{kind}/{counts[kind]:03d}", _camera_noise(image, rng), mask, None
+        yield f"test/{kind}/{counts[kind]:03d}", _camera_noise(image, rng), mask
         counts[kind] += 1
 
 
 def _object_images(
     category: str, n_train: int, n_good: int, defects: Sequence[str], size: int, rng: np.random.Generator
-) -> Iterator[tuple[str, np.ndarray, Mask | None, Mask | None]]:
-    """As ``_texture_images``, for a procedurally drawn object (with its silhouette)."""
+) -> Iterator[tuple[str, np.ndarray, Mask | None]]:
+    """As ``_texture_images``, for a procedurally drawn object."""
     names = [f"train/good/{i:03d}" for i in range(n_train)] + [f"test/good/{i:03d}" for i in range(n_good)]
     for name in names:
-        image, _, silhouette = render(category, random_pose(size, rng))
-        yield name, _camera_noise(image, rng), None, silhouette
+        image, _, _ = render(category, random_pose(size, rng))
+        yield name, _camera_noise(image, rng), None
     counts = dict.fromkeys(defects, 0)
     for kind in defects:
-        image, mask, silhouette = render(category, random_pose(size, rng), kind, rng)
-        yield f"test/{kind}/{counts[kind]:03d}", _camera_noise(image, rng), mask, silhouette
+        image, mask, _ = render(category, random_pose(size, rng), kind, rng)
+        yield f"test/{kind}/{counts[kind]:03d}", _camera_noise(image, rng), mask
         counts[kind] += 1
 
 
@@ -276,28 +273,13 @@ def generate_category(
     rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
     draw = _texture_images if category in TEXTURES else _object_images
     kinds = [defects[i % len(defects)] for i in range(n_defective)]
-    silhouettes = {}
-    for name, image, mask, silhouette in draw(category, n_train, n_good, kinds, size, rng):
+    for name, image, mask in draw(category, n_train, n_good, kinds, size, rng):
         _save(image, folder / f"{name}.png")
         if mask is not None:
             _, kind, index = name.split("/")
             _save(mask.astype(np.uint8) * 255, folder / "ground_truth" / kind / f"{index}_mask.png")
-        if silhouette is not None:
-            silhouettes[name] = silhouette
-    if silhouettes:
-        np.savez_compressed(folder / OBJECT_MASKS, **silhouettes)
     marker.write_text(json.dumps(settings))
     return folder
-
-
-def object_masks(folder: str | Path) -> dict[str, Mask]:
-    """The silhouettes an object category was written with, keyed by ``split/label/index`` (``test/good/000``)."""
-    path = Path(folder) / OBJECT_MASKS
-    if not path.is_file():
-        msg = f"No {OBJECT_MASKS} in {folder}; only the generator's object categories ({list(OBJECTS)}) have one."
-        raise FileNotFoundError(msg)
-    with np.load(path) as stored:
-        return {name: stored[name] for name in stored.files}
 
 
 def generate_demo_dataset(
