@@ -24,7 +24,7 @@ from common import demo_category, load_average, provenance, provenance_lines
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
 from anomalib_aand import Aand
-from anomalib_aand.components.feature_cache import FeatureCache
+from anomalib_aand.components.feature_cache import FeatureStore
 from anomalib_aand.components.student import uses_resnet_student
 
 LAYERS = {"tf_efficientnet_lite0": ("blocks.1", "blocks.2", "blocks.4")}
@@ -103,7 +103,7 @@ def interleaved_steps(backbone: str, args: argparse.Namespace) -> dict:
         args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0)
     )
     paths = [str(i) for i in range(args.batch_size)]
-    cache = FeatureCache(torch.float16)
+    cache = FeatureStore(torch.float16)
     with torch.no_grad():
         cache.put(paths, images, model.model.amplified_features(images))
 

@@ -1,10 +1,7 @@
 """Shared fixtures: a tiny MVTec-layout dataset generated on the fly, and one small model exported from it."""
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,20 +14,7 @@ if TYPE_CHECKING:
 EXPORT_SIZE = 64
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/NAME.py`` as a module, its folder on ``sys.path`` (as when run) for its sibling imports."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -61,7 +61,8 @@ Mask = np.ndarray  # (H, W) bool
 def _normal_image(texture: np.ndarray, tint: Sequence[float], size: int, rng: np.random.Generator) -> RGB:
     """A random window of the texture as a tinted colour image, with exposure and orientation jitter."""
     window = texture.shape[0] // 2
-    top, left = rng.integers(0, texture.shape[0] - window + 1), rng.integers(0, texture.shape[1] - window + 1)
+    top = rng.integers(0, texture.shape[0] - window + 1)
+    left = rng.integers(0, texture.shape[1] - window + 1)
     grey = texture[top : top + window, left : left + window].astype(np.float32) / 255.0
     if rng.random() < 0.5:
         grey = grey[:, ::-1]
@@ -200,7 +201,8 @@ def _texture_images(
     category: str, n_train: int, n_good: int, defects: Sequence[str], size: int, rng: np.random.Generator
 ) -> Iterator[tuple[str, np.ndarray, Mask | None]]:
     """``(relative path without suffix, image uint8, defect mask or None)`` per image."""
-    texture, tint = TEXTURES[category](), TINTS[category]
+    texture = TEXTURES[category]()
+    tint = TINTS[category]
     for i in range(n_train):
         yield f"train/good/{i:03d}", _camera_noise(_normal_image(texture, tint, size, rng), rng), None
     for i in range(n_good):
