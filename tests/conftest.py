@@ -84,6 +84,34 @@ def exported(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 
 @pytest.fixture(scope="session")
+def lite0_trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One small AAND on the offline ImageNet EfficientNet-Lite0 teacher, trained once per session.
+
+    ``lite0_aand()`` (64 px, 1 + 5 epochs) on 16 training images, 8 good and 8 defective test images (dark
+    squares). Returns ``root`` (the dataset root), ``engine``, ``model``, ``datamodule`` and ``checkpoint``;
+    shared by the Engine and INT8 tests.
+    """
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from lightning import seed_everything
+
+    root = tmp_path_factory.mktemp("lite0")
+    make_mvtec_dataset(root, n_train=16, n_good=8, n_bad=8)
+    seed_everything(0)
+    datamodule = MVTecAD(root=root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    model = lite0_aand()
+    engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu", devices=1)
+    engine.fit(model, datamodule=datamodule)
+    return {
+        "root": root,
+        "engine": engine,
+        "model": model,
+        "datamodule": datamodule,
+        "checkpoint": engine.trainer.checkpoint_callback.best_model_path,
+    }
+
+
+@pytest.fixture(scope="session")
 def openvino_ir(exported: tuple["Aand", Path]) -> Path:
     """The exported ONNX file as an FP32 OpenVINO IR, converted with the call anomalib's OpenVINO export makes."""
     import openvino as ov

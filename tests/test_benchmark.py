@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +25,7 @@ def _python_with_hook(site_dir: Path, code: str, cwd: Path, **env: str) -> subpr
     )
 
 
+@pytest.mark.slow
 def test_hook_acts_only_when_anomalib_is_imported(tmp_path: Path) -> None:
     """Start-up imports no anomalib; importing anomalib.models makes ``Aand`` and its class paths resolvable, and
     the benchmark's result collection takes jobs whose keys differ."""
@@ -51,6 +53,7 @@ def test_hook_acts_only_when_anomalib_is_imported(tmp_path: Path) -> None:
     assert "hook failed" not in result.stderr
 
 
+@pytest.mark.slow
 def test_wheels_install_the_hook(tmp_path: Path) -> None:
     """Both a regular and an editable (``pip install -e``) wheel put ``anomalib_aand.pth`` at site-packages' top."""
     source = tmp_path / "source"
@@ -77,6 +80,7 @@ def test_wheels_install_the_hook(tmp_path: Path) -> None:
         assert "anomalib_aand_hook.py" in names, (wheel.name, names)
 
 
+@pytest.mark.slow
 def test_benchmark_results_have_aand_rows(mvtec_root: Path, tmp_path: Path) -> None:
     """The unchanged ``anomalib benchmark`` CLI on the shipped config (tiny epochs, generated data, no downloads)."""
     config = yaml.safe_load((REPO / "configs" / "benchmark.yaml").read_text())

@@ -122,6 +122,7 @@ def plain_run(data_root: Path) -> tuple[list[float], list[dict[str, torch.Tensor
     return _stage2(_fit(data_root, cache_features=False)[1])
 
 
+@pytest.mark.slow
 def test_cached_epochs_match_plain_loop(data_root: Path, plain_run) -> None:
     """float32 cache: the second stage-2 epoch is served from the cache and ends with the same weights."""
     targets = Stage2FeatureCache(half_precision_rtol=-1.0)  # float32 storage
@@ -140,6 +141,7 @@ def test_cached_epochs_match_plain_loop(data_root: Path, plain_run) -> None:
         _assert_same_weights(cached, plain, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_half_precision_cache_keeps_loss(data_root: Path, plain_run, caplog: pytest.LogCaptureFixture) -> None:
     """The default float16 cache moves the stage-2 losses by far less than HALF_PRECISION_RTOL."""
     with caplog.at_level(logging.INFO, logger="anomalib_aand"):
@@ -161,6 +163,7 @@ class AddNoise(v2.Transform):
         return inpt
 
 
+@pytest.mark.slow
 def test_changing_images_switch_cache_off(data_root: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Random data the name check misses is caught by the fingerprints; the result equals the plain loop."""
     with caplog.at_level(logging.INFO, logger="anomalib_aand"):
@@ -180,6 +183,7 @@ def test_changing_images_switch_cache_off(data_root: Path, caplog: pytest.LogCap
         ({}, v2.RandomHorizontalFlip(), "the training transforms are random (RandomHorizontalFlip)"),
     ],
 )
+@pytest.mark.slow
 def test_fallbacks_say_why(data_root: Path, args: dict, augmentations, message: str, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="anomalib_aand"):
         model, _ = _fit(data_root, epochs=2, augmentations=augmentations, **args)
@@ -190,6 +194,7 @@ def test_fallbacks_say_why(data_root: Path, args: dict, augmentations, message: 
     assert model.feature_cache.dtype is None
 
 
+@pytest.mark.slow
 def test_resume_rebuilds_cache_and_checkpoint_holds_none(data_root: Path, tmp_path: Path) -> None:
     """A checkpoint saved mid stage 2 has no cache in it; resuming refills it and matches an uncached resume."""
     checkpoint = tmp_path / "stage2.ckpt"

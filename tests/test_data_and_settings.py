@@ -141,6 +141,7 @@ class PoisonWeights(Callback):
                     parameter.fill_(float("nan"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epoch", [0, 1])
 def test_non_finite_loss_names_a_checkpoint_only_when_one_exists(small_root: Path, tmp_path: Path, epoch: int) -> None:
     """In the first epoch no checkpoint exists yet: the message must not say one is intact."""
@@ -184,6 +185,7 @@ def test_non_finite_loss_guard_reads_the_first_bad_step_of_a_window() -> None:
 
 
 # ------------------------------------------------------------------------------ non-ASCII paths
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", DATAMODULES)
 def test_non_ascii_dataset_path_trains(small_root: Path, tmp_path: Path, kind: str) -> None:
     """anomalib 2.7 refused any non-ASCII letter as 'Path contains non-printable characters'."""

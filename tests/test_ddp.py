@@ -23,6 +23,8 @@ from conftest import make_mvtec_dataset
 
 from anomalib_aand import Aand
 
+pytestmark = pytest.mark.slow  # every test here trains under DDP (two processes)
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "ddp_script.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "200"}

@@ -1,11 +1,11 @@
 """INT8 export: ``Engine.export(..., compression_type=INT8_PTQ)`` (what ``anomalib export`` runs) keeps the ranking.
 
-A small model (the offline ImageNet EfficientNet-Lite0 teacher, 64 px, 16 training images, 1 + 5 epochs)
-is trained once and exported as an FP32 and an INT8 OpenVINO IR; INT8 is calibrated on training images
-(a datamodule with ``val_split_mode=from_train``, as the README documents). On the 8 good and 8 defective
-test images (dark squares; the split that fixed the normalisation bounds, so no score is clamped) the INT8
-scores must rank images and pixels as the FP32 ones do. With anomalib 2.7's plain ``nncf.quantize`` (main
-before this recipe) every INT8 score of this model is 0.0: image AUROC 0.5 against FP32's 1.0.
+The session's small model (``lite0_trained``: the offline ImageNet EfficientNet-Lite0 teacher, 64 px, 16
+training images, 1 + 5 epochs) is exported as an FP32 and an INT8 OpenVINO IR; INT8 is calibrated on training
+images (a datamodule with ``val_split_mode=from_train``, as docs/export.md documents). On the 8 good and 8
+defective test images (dark squares; the split that fixed the normalisation bounds, so no score is clamped) the
+INT8 scores must rank images and pixels as the FP32 ones do. With NNCF's defaults (anomalib 2.7's plain
+``nncf.quantize``) every INT8 score of this model is 0.0: image AUROC 0.5 against FP32's 1.0.
 """
 
 from pathlib import Path
@@ -18,11 +18,12 @@ from anomalib.data.utils import ValSplitMode, read_image, read_mask
 from anomalib.deploy import CompressionType, ExportType
 from anomalib.engine import Engine
 from anomalib.metrics import AUROC
-from conftest import EXPORT_SIZE, lite0_aand, make_mvtec_dataset
-from lightning import seed_everything
+from conftest import EXPORT_SIZE
 from torchmetrics.classification import BinaryAUROC
 
 from anomalib_aand import Aand
+
+pytestmark = pytest.mark.slow  # every test here uses the trained model's INT8 exports
 
 SIZE = EXPORT_SIZE
 # One image pair swapped of 8 x 8 moves image AUROC by 1/64 = 0.016: allow three swaps. Pixel AUROC is
@@ -34,12 +35,9 @@ ACQ_MAX_DROP = 0.01
 
 
 @pytest.fixture(scope="module")
-def irs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """FP32 and INT8 IRs of one trained model, and its dataset folder."""
-    root = tmp_path_factory.mktemp("int8")
-    make_mvtec_dataset(root, n_train=16, n_good=8, n_bad=8)
-    seed_everything(0)
-    datamodule = MVTecAD(root=root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
+def irs(lite0_trained: dict) -> dict[str, Path]:
+    """FP32, INT8_PTQ and INT8_ACQ IRs of the session's Lite0 model, and its dataset folder."""
+    root = lite0_trained["root"]
     calibration = MVTecAD(
         root=root,
         category="toy",
@@ -48,10 +46,7 @@ def irs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         val_split_mode=ValSplitMode.FROM_TRAIN,
         val_split_ratio=0.5,
     )
-    model = lite0_aand()
     engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu", devices=1)
-    engine.fit(model, datamodule=datamodule)
-    checkpoint = engine.trainer.checkpoint_callback.best_model_path
     return {
         "root": root / "toy",
         **{
@@ -60,7 +55,7 @@ def irs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                     Aand(backbone="tf_efficientnet_lite0", layers=("blocks.1", "blocks.2", "blocks.4")),
                     ExportType.OPENVINO,
                     export_root=root / name,
-                    ckpt_path=checkpoint,
+                    ckpt_path=lite0_trained["checkpoint"],
                     compression_type=compression,
                     datamodule=calibration,
                     metric=AUROC(fields=["pred_score", "gt_label"]),

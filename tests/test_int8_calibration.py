@@ -1,5 +1,7 @@
 """INT8 calibration data (normal batches, each with an anomalous copy) and the output clamp (anomalib_aand.int8)."""
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -60,3 +62,25 @@ def test_normalised_outputs_are_clamped_to_the_unit_range_and_keep_their_names()
     assert [output.get_any_name() for output in compiled.outputs] == ["pred_score", "pred_label"]
     np.testing.assert_array_equal(result["pred_score"], [1.0, 0.0])
     np.testing.assert_array_equal(result["pred_label"], values)
+
+
+def test_recipe_keeps_the_map_tail_and_the_early_finest_convolutions_in_float(openvino_ir: Path) -> None:
+    """On the smoke model's FP32 IR (ResNet-18, 64 px): the float scope holds the ops after the last feature maps
+    (no convolution with more than one output channel) and convolutions at or above the finest scale (stride 4)."""
+    import openvino as ov
+
+    from anomalib_aand.int8 import fine_convolutions, float_scope, float_tail
+
+    model = ov.Core().read_model(openvino_ir)
+    ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    tail = float_tail(model)
+    assert tail
+    convolutions = [ops[name] for name in tail if ops[name].get_type_name() == "Convolution"]
+    assert all(op.get_output_partial_shape(0)[1] == 1 for op in convolutions)  # only the single-channel blur
+    assert {"Multiply", "ReduceSum"} & {ops[name].get_type_name() for name in tail}  # the cosine distance
+    fine = fine_convolutions(model, tail)
+    assert fine
+    assert all(ops[name].get_output_partial_shape(0)[2].get_length() >= 64 // 4 for name in fine)
+    scope = float_scope(model)
+    assert set(tail + fine) <= set(scope.names)
+    assert "GroupConvolution" in scope.types

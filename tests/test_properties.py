@@ -22,6 +22,7 @@ def model(amplification: bool) -> AandModel:
     return AandModel("resnet18", ("layer1", "layer2", "layer3"), 50, 0.2, amplification=amplification).eval()
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     batch=st.integers(1, 3),
@@ -59,6 +60,7 @@ def test_constant_images_give_finite_maps(value: float) -> None:
     torch.testing.assert_close(output.pred_score.flatten(), output.anomaly_map.flatten(1).amax(dim=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("amplification", [True, False])
 def test_half_precision_map_follows_float32(dtype: torch.dtype, amplification: bool) -> None:

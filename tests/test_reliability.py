@@ -218,6 +218,7 @@ def test_grayscale_and_rgba_images_are_accepted(small_root: Path, tmp_path: Path
 
 
 # ------------------------------------------------------------------------------------ checkpoints
+@pytest.mark.slow
 def test_checkpoint_loads_offline_in_fresh_process(trained_checkpoint: Path) -> None:
     """``weights_only=True`` load through ``Aand.load_from_checkpoint``, no network, new interpreter."""
     script = textwrap.dedent(f"""
@@ -238,6 +239,7 @@ def test_checkpoint_loads_offline_in_fresh_process(trained_checkpoint: Path) -> 
     assert "LOADED resnet18" in result.stdout
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint(trained_checkpoint: Path, tmp_path: Path, small_root: Path) -> None:
     truncated = tmp_path / "cut.ckpt"
     truncated.write_bytes(trained_checkpoint.read_bytes()[: trained_checkpoint.stat().st_size // 2])
@@ -250,12 +252,14 @@ def test_truncated_checkpoint(trained_checkpoint: Path, tmp_path: Path, small_ro
         Aand.load_from_checkpoint(tmp_path / "none.ckpt")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_backbone(trained_checkpoint: Path, tmp_path: Path, small_root: Path) -> None:
     checkpoint = trained_checkpoint
     with pytest.raises(AandInputError, match="backbone: checkpoint 'resnet18', this model 'resnet34'"):
         engine(tmp_path).test(tiny_aand(backbone="resnet34"), datamodule=datamodule(small_root), ckpt_path=checkpoint)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model(tmp_path: Path, small_root: Path) -> None:
     padim, other = tmp_path / "padim.ckpt", Padim(backbone="resnet18", pre_trained=False)
     torch.save(
@@ -318,6 +322,7 @@ def test_non_finite_loss_names_the_term() -> None:
         guard.check(learning_rate=0.005)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_training_with_a_message(small_root: Path, tmp_path: Path) -> None:
     model = tiny_aand(stage1_epochs=1, stage2_epochs=1)
     model.distillation_loss = PoisonedDistillationLoss("hkd", top_k=2)
@@ -385,6 +390,7 @@ def _crash() -> None:
     raise SimulatedCrashError
 
 
+@pytest.mark.slow
 def test_kill_and_resume_in_both_stages(small_root: Path, tmp_path: Path) -> None:
     """Killed (SIGKILL) in stage 1, resumed and crashed in stage 2, resumed again: 2 + 2 epochs, schedules intact."""
     record = tmp_path / "epochs.txt"
@@ -411,6 +417,7 @@ def test_kill_and_resume_in_both_stages(small_root: Path, tmp_path: Path) -> Non
 
 
 # ------------------------------------------------------------------------------ reproducibility
+@pytest.mark.slow
 def test_same_seed_gives_same_model_and_scores(trained_checkpoint: Path, small_root: Path, tmp_path: Path) -> None:
     """A second run with the same seed ends with identical weights, thresholds and test scores."""
     first = Aand.load_from_checkpoint(trained_checkpoint, map_location="cpu").eval()

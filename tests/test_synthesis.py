@@ -14,7 +14,7 @@ import torch.nn.functional as F  # noqa: N812
 import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
-from conftest import lite0_aand
+from conftest import tiny_aand
 from PIL import Image
 from skimage import data as skdata
 
@@ -86,6 +86,7 @@ def _gradient(side: int, strength: float, direction: str) -> torch.Tensor:
     return strength * {"x": x, "y": y, "diagonal": (x + y) / 2}[direction]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["brick", "grass", "gravel"])
 def test_foreground_keeps_textures_whole_under_illumination_gradients(name: str) -> None:
     texture, estimator = _texture(name), ForegroundEstimator()
@@ -108,6 +109,7 @@ def test_foreground_finds_a_textured_object_on_a_plain_background(background: fl
     assert intersection / union > 0.85
 
 
+@pytest.mark.slow
 def test_anomaly_share_stays_at_probability_when_the_object_is_small() -> None:
     """Anomalies that miss a small object are drawn again, so the share of anomalous images stays at 0.8."""
     torch.manual_seed(0)
@@ -175,9 +177,10 @@ def test_procedural_source_blends_coloured_textures() -> None:
     assert anomaly_colourfulness(AnomalySynthesizer(probability=1.0, anomaly_source_path="procedural")) > 0.05
 
 
+@pytest.mark.slow
 def test_training_applies_the_per_category_choice(mvtec_root: Path, tmp_path: Path) -> None:
     """With a list, the datamodule's category decides whether stage 1 masks its anomalies."""
-    model = lite0_aand(pre_trained=False, stage2_epochs=1, foreground_mask=["toy", "bottle"], visualizer=False)
+    model = tiny_aand(foreground_mask=["toy", "bottle"])
     datamodule = MVTecAD(root=mvtec_root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
     Engine(default_root_dir=tmp_path, logger=False, devices=1, accelerator="cpu").fit(model, datamodule=datamodule)
     assert isinstance(model.synthesizer.foreground, ForegroundEstimator)
@@ -193,6 +196,7 @@ def test_copy_of_a_procedural_synthesizer_outlives_the_original() -> None:
     assert anomaly_colourfulness(copied) > 0.05
 
 
+@pytest.mark.slow
 def test_procedural_bank_is_removed_at_exit() -> None:
     code = "from anomalib_aand.components.synthesis import procedural_texture_bank as b; print(b())"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -66,6 +66,7 @@ def test_package_maps_every_tensor_onto_timm() -> None:
     assert all(state[k].shape == target[k].shape for k in target)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("no_network")
 def test_aand_gets_package_weights_on_fit_start(mvtec_root, tmp_path) -> None:
     """pre_trained=True with the Lite0 teacher trains offline with the package's ImageNet weights."""
