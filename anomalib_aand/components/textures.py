@@ -5,7 +5,8 @@ photographs of 47 texture kinds: banded, blotchy, cracked, crosshatched, dotted,
 honeycombed, marbled, and so on. Without it, anomalib's generator blends grey Perlin noise. This module
 draws colour textures of several of those kinds (stripes, crosshatch, grid, dots, cells, marble,
 blotches, fibres), each with a random palette, orientation and scale, so that the anomalies carry
-colour, edges and structure as DTD's do. It is not DTD: use the real one when you can (docs/configuration.md, "Anomaly source").
+colour, edges and structure as DTD's do. It is not DTD: use the real one when you can
+(docs/configuration.md, "Anomaly source").
 """
 
 from collections.abc import Callable
