@@ -4,8 +4,9 @@
 
 Written for a line that runs it unattended. Every image under ``--images`` (searched recursively) is read
 with its EXIF orientation applied, resized on the host to the model's input size (memory stays bounded
-whatever the image size) and scored with anomalib's ``OpenVINOInferencer``. ``--out`` must be new or empty
-(results of two runs are never mixed); it receives:
+whatever the image size) and scored with anomalib's ``OpenVINOInferencer``. ``--out`` must be new or empty,
+and a run owns it: a second run given the same folder, even one started in the same second, is refused
+(results of two runs are never mixed). It receives:
 
 - ``scores.csv``: one row ``image,score,label`` per image, appended and flushed as soon as the image is
   scored, so a crash or kill loses at most the image in flight. Scores are anomalib's normalised scores:
@@ -17,23 +18,35 @@ whatever the image size) and scored with anomalib's ``OpenVINOInferencer``. ``--
   so no two inputs share an output. Longest side at most 1024 px.
 
 ``--out`` is never read as input, nor is any earlier results folder (``scores.csv`` beside ``overlays/``)
-lying under ``--images``.
+lying under ``--images``. Folders linked into ``--images`` are searched too, each real folder once (a link
+back to a parent is not followed again).
+
+Files that are skipped (exit code 1, named in ``errors.csv``): undecodable files, anything that is not a
+regular file (a FIFO, a socket or a device named ``*.png`` would block the run), and images with 16-bit,
+12-bit (stored in 16) or float pixels: anomalib's reader clips those to 8 bits, so they would be scored as
+a white or black image; training refuses them too.
+
+The model must be an AAND export (anomalib's exported chain: outputs ``pred_score``, ``pred_label`` and
+``anomaly_map``) whose input is at most ``MAX_INPUT_SIDE`` pixels a side; anything else is refused at start.
 
 Exit codes: 0 every image scored; 1 some files were skipped (see errors.csv), the others are scored;
-2 nothing was run (bad arguments, missing or unloadable model, no images, ``--out`` not empty); 3 the run
-stopped: the model or device failed, or results could not be written (the rows written before are kept).
+2 nothing was run (bad arguments, missing or unloadable model, not an AAND model, no images, ``--out`` not
+empty, taken by another run, read-only or full); 3 the run stopped: the model or device failed, or results
+could not be written (the rows written before are kept).
 
 OpenVINO keeps compiled models in ``./openvino_cache`` (anomalib's choice, in the working directory).
 """
 
 import argparse
+import contextlib
 import csv
 import os
+import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -46,11 +59,18 @@ with quiet_anomalib_import():
     from anomalib.deploy import OpenVINOInferencer
     from anomalib.visualization.image.functional import overlay_image, visualize_anomaly_map
 
+    from anomalib_aand.components.data_checks import HIGH_BIT_DEPTH_MODES
+
+if TYPE_CHECKING:
+    import openvino as ov
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SCORES = "scores.csv"
 ERRORS = "errors.csv"
 OVERLAYS = "overlays"
 OVERLAY_MAX_SIDE = 1024
+MAX_INPUT_SIDE = 4096  # a float32 image of 4096 x 4096 takes 200 MB on the host; AAND's activations far more
+AAND_OUTPUTS = ("pred_score", "pred_label", "anomaly_map")
 EXIT_OK = 0
 EXIT_SKIPPED = 1
 EXIT_NOT_RUN = 2
@@ -95,17 +115,77 @@ class RunResult:
 
 
 def load_inferencer(model: str | Path, device: str = "CPU", precision: str = "f32") -> OpenVINOInferencer:
-    """``OpenVINOInferencer`` for an IR (``.xml``) or ONNX file.
+    """``OpenVINOInferencer`` for an IR (``.xml``) or ONNX file of AAND, checked before it is compiled.
 
     ``precision`` is OpenVINO's ``INFERENCE_PRECISION_HINT``: ``f32`` (default) matches the torch model;
     ``auto`` lets OpenVINO choose (bf16 on CPUs that have it, f16 on GPUs: faster, scores differ by ~1e-2).
     """
+    import openvino as ov
+
     path = Path(model)
     if not path.is_file():
         msg = f"Model file {str(path)!r} does not exist. Export one with `anomalib export --export_type openvino ...`."
         raise InferInputError(msg)
+    check_aand_model(ov.Core().read_model(path), path)
     config = None if precision == "auto" else {"INFERENCE_PRECISION_HINT": precision}
     return OpenVINOInferencer(path=path, device=device, config=config)
+
+
+def _static_size(shape: "ov.PartialShape") -> tuple[int, int] | None:
+    """(height, width) of a static NCHW shape, else None."""
+    if shape.rank.is_static and len(shape) == 4 and shape[2].is_static and shape[3].is_static:
+        return shape[2].get_length(), shape[3].get_length()
+    return None
+
+
+def check_aand_model(model: "ov.Model", path: str | Path) -> None:
+    """Refuse a model that is not an AAND export, or whose input is larger than ``MAX_INPUT_SIDE`` a side.
+
+    An AAND export is anomalib's exported chain: one (N, 3, H, W) image input; outputs ``pred_score``,
+    ``pred_label`` and ``anomaly_map`` (and ``pred_mask``).
+    """
+    inputs = [input_.get_partial_shape() for input_ in model.inputs]
+    outputs = ["/".join(sorted(output.get_names())) or "<unnamed>" for output in model.outputs]
+    names = {name for output in model.outputs for name in output.get_names()}
+    shape = inputs[0] if len(inputs) == 1 else None
+    image_input = (
+        shape is not None
+        and shape.rank.is_static
+        and len(shape) == 4
+        and (shape[1].is_dynamic or shape[1].get_length() == 3)
+    )
+    if not image_input or not set(AAND_OUTPUTS) <= names:
+        msg = (
+            f"{str(path)!r} is not an exported AAND model: it takes {[str(s) for s in inputs]} and returns {outputs}. "
+            f"An AAND export takes one image batch [N,3,H,W] and returns {', '.join(AAND_OUTPUTS)}. Pass the "
+            "model.xml that `anomalib export --model anomalib_aand.Aand --ckpt_path <model.ckpt> --export_type "
+            "openvino` writes (weights/openvino/model.xml)."
+        )
+        raise InferInputError(msg)
+    size = _static_size(shape)
+    if size is not None and max(size) > MAX_INPUT_SIDE:
+        msg = (
+            f"{str(path)!r} declares an input of {size[0]}x{size[1]} pixels, more than the {MAX_INPUT_SIDE} a side "
+            f"this tool accepts (one image would take {3 * 4 * size[0] * size[1] / 1e9:.1f} GB on the host before "
+            "the network runs). Export with a smaller --input_size, or with the default pre-processor (its Resize "
+            "takes images of any size)."
+        )
+        raise InferInputError(msg)
+
+
+def check_input_size(size: Sequence[int], fixed: tuple[int, int] | None) -> tuple[int, int]:
+    """``size`` (height, width) as a tuple, if both sides are in [1, ``MAX_INPUT_SIDE``] and fit a fixed model input."""
+    height, width = (int(side) for side in size)
+    if not (0 < height <= MAX_INPUT_SIDE and 0 < width <= MAX_INPUT_SIDE):
+        msg = f"--input-size {height} {width}: height and width must be between 1 and {MAX_INPUT_SIDE}."
+        raise InferInputError(msg)
+    if fixed is not None and (height, width) != fixed:
+        msg = (
+            f"--input-size {height} {width} does not fit the model, whose input is fixed at {fixed[0]}x{fixed[1]}: "
+            "leave --input-size out (the tool reads it from the model)."
+        )
+        raise InferInputError(msg)
+    return height, width
 
 
 def model_input_size(inferencer: OpenVINOInferencer) -> tuple[int, int] | None:
@@ -118,8 +198,8 @@ def model_input_size(inferencer: OpenVINOInferencer) -> tuple[int, int] | None:
     shapes = [compiled.input(0).get_partial_shape()]
     shapes += [output.get_partial_shape() for output in compiled.outputs if "anomaly_map" in output.get_names()]
     for shape in shapes:
-        if shape.rank.is_static and len(shape) == 4 and shape[2].is_static and shape[3].is_static:
-            return shape[2].get_length(), shape[3].get_length()
+        if (size := _static_size(shape)) is not None:
+            return size
     return None
 
 
@@ -129,18 +209,26 @@ def is_results_folder(folder: Path) -> bool:
 
 
 def find_images(images: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Image files under ``images`` (recursively, sorted), leaving out ``out`` and earlier results folders."""
+    """Image files under ``images`` (recursively, sorted), leaving out ``out`` and earlier results folders.
+
+    Linked folders are followed, each real folder once, so a link to a parent folder ends the search there.
+    """
     images = Path(images)
     if not images.is_dir():
         msg = f"--images {str(images)!r} is not a folder."
         raise InferInputError(msg)
     skipped = {Path(out).resolve()} if out is not None else set()
+    visited = {images.resolve()}
     found = []
-    for folder, subfolders, files in os.walk(images):
+    for folder, subfolders, files in os.walk(images, followlinks=True):
         here = Path(folder)
-        subfolders[:] = sorted(
-            name for name in subfolders if (here / name).resolve() not in skipped and not is_results_folder(here / name)
-        )
+        kept = []
+        for name in sorted(subfolders):
+            real = (here / name).resolve()
+            if real not in skipped and real not in visited and not is_results_folder(here / name):
+                visited.add(real)
+                kept.append(name)
+        subfolders[:] = kept
         found += [here / name for name in files if Path(name).suffix.lower() in IMAGE_SUFFIXES]
     return sorted(found)
 
@@ -155,8 +243,19 @@ def load_image(path: Path, input_size: tuple[int, int]) -> tuple[np.ndarray, Ima
 
     EXIF orientation is applied first. The decoded full-size image lives only inside this function: its
     8-bit pixels are the largest allocation of a run, whatever the image size (the model sees ``input_size``).
+    Raises ``OSError`` for what is not a regular file (a FIFO would block) and ``ValueError`` for pixels deeper
+    than 8 bits, which the conversion to RGB would clip.
     """
+    if not stat.S_ISREG(path.stat().st_mode):
+        msg = "not a regular file (a FIFO, socket or device)"
+        raise OSError(msg)
     with Image.open(path) as image:
+        if image.mode in HIGH_BIT_DEPTH_MODES:
+            msg = (
+                f"{'float' if image.mode == 'F' else '16-bit'} pixels (PIL mode {image.mode}), which would be clipped "
+                "to 8 bits and scored as a white or black image: convert it to 8 bits, scaling the values to 0..255"
+            )
+            raise ValueError(msg)
         ImageOps.exif_transpose(image, in_place=True)
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         height, width = input_size
@@ -178,12 +277,52 @@ def _refuse_used_out(out: Path) -> None:
         held = sorted(p.name for p in out.iterdir())[:5] if out.is_dir() else []
         msg = (
             f"--out {str(out)!r} is not empty (holds {held}): results of an earlier run are never mixed with a "
-            "new one. Give a new or empty folder (e.g. one per run: --out results/$(date +%Y%m%d-%H%M%S)), or "
+            "new one. Give a new or empty folder (e.g. one per run: --out results/$(date +%Y%m%d-%H%M%S)-$$), or "
             "move the old results away."
             if out.is_dir()
             else f"--out {str(out)!r} is a file, not a folder. Give a new or empty folder."
         )
         raise InferInputError(msg)
+
+
+@contextlib.contextmanager
+def claim_out(out: Path) -> Iterator[tuple[TextIO, TextIO]]:
+    """Make ``out`` this run's folder and open its scores.csv and errors.csv, headers written.
+
+    scores.csv is created exclusively: of two runs given the same folder, the second is refused. A folder that
+    cannot be written (read-only, full) is refused too, and what this call created is removed again.
+    """
+    created = not out.exists()
+    opened: list[TextIO] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, header in ((SCORES, ("image", "score", "label")), (ERRORS, ("image", "error"))):
+            opened.append((out / name).open("x", newline=""))
+            csv.writer(opened[-1]).writerow(header)
+            opened[-1].flush()
+    except OSError as error:
+        for file, name in zip(opened, (SCORES, ERRORS), strict=False):
+            with contextlib.suppress(OSError):
+                file.close()
+            with contextlib.suppress(OSError):
+                (out / name).unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        if isinstance(error, FileExistsError):
+            msg = (
+                f"--out {str(out)!r} was taken by another run that started at the same time. Give each run its own "
+                "folder (e.g. --out results/$(date +%Y%m%d-%H%M%S)-$$)."
+            )
+        else:
+            msg = (
+                f"Cannot write into --out {str(out)!r} ({type(error).__name__}: {error}). Give a folder that this "
+                "user can write to, on a disk with free space."
+            )
+        raise InferInputError(msg) from error
+    scores, errors = opened
+    with scores, errors:
+        yield scores, errors
 
 
 def _save_atomically(image: Image.Image, path: Path) -> None:
@@ -230,19 +369,18 @@ def run(
     except Exception as error:  # OpenVINO raises RuntimeError for files it cannot read or compile
         msg = f"Cannot load the model {str(model)!r} ({type(error).__name__}: {error}). Pass an exported model.xml."
         raise InferInputError(msg) from error
-    if input_size is None and isinstance(predictor, OpenVINOInferencer):
-        input_size = model_input_size(predictor)
+    inferencer = predictor if isinstance(predictor, OpenVINOInferencer) else None
+    fixed = _static_size(inferencer.model.input(0).get_partial_shape()) if inferencer is not None else None
+    if input_size is None and inferencer is not None:
+        input_size = model_input_size(inferencer)
     if input_size is None:
         msg = "Cannot tell the model's input size from the model; pass --input-size HEIGHT WIDTH."
         raise InferInputError(msg)
+    input_size = check_input_size(input_size, fixed)
     result = RunResult(out=out)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / SCORES).open("w", newline="") as scores, (out / ERRORS).open("w", newline="") as errors:
+    with claim_out(out) as (scores, errors):
         score_writer = csv.writer(scores)
         error_writer = csv.writer(errors)
-        for file, header in ((scores, ("image", "score", "label")), (errors, ("image", "error"))):
-            csv.writer(file).writerow(header)
-            file.flush()
         for path in tqdm(paths, desc="images", unit="img", disable=None if progress is None else not progress):
             relative = path.relative_to(images)
             try:
@@ -250,8 +388,12 @@ def run(
             except Exception as error:  # noqa: BLE001  PIL raises many types for unreadable files
                 reason = f"{type(error).__name__}: {error}"
                 tqdm.write(f"skipped {path}: cannot read it ({reason})", file=sys.stderr)
-                error_writer.writerow((str(relative), reason))
-                errors.flush()
+                try:
+                    error_writer.writerow((str(relative), reason))
+                    errors.flush()
+                except OSError as write_error:
+                    msg = f"Cannot write into {out / ERRORS} ({type(write_error).__name__}: {write_error})."
+                    raise InferenceFailedError(msg) from write_error
                 result.failed.append((str(relative), reason))
                 continue
             try:
@@ -280,8 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Exit codes: 0 all images scored; 1 some files skipped (named in errors.csv); 2 nothing run "
-        "(bad arguments, unloadable model, no images, --out not empty); 3 the run stopped (model, device or "
-        "writing failed; earlier rows are kept).",
+        "(bad arguments, unloadable or not an AAND model, no images, --out not empty, taken, read-only or full); "
+        "3 the run stopped (model, device or writing failed; earlier rows are kept).",
     )
     parser.add_argument("--model", required=True, help="exported model: model.xml (OpenVINO IR) or model.onnx")
     parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
