@@ -2,8 +2,10 @@
 
 ``Aand`` (the LightningModule) and ``AandModel`` (the torch model) are imported when first asked for, so that the
 package's tools that need no anomalib (``python -m anomalib_aand.tools.demo``) start without importing it.
-Importing ``Aand`` also registers it in ``anomalib.models`` (``register``) and lets dataset paths hold non-ASCII
-letters (``workarounds.allow_non_ascii_paths``).
+Importing ``Aand`` also registers it in ``anomalib.models`` (``register``), lets dataset paths hold non-ASCII
+letters (``workarounds.allow_non_ascii_paths``), and makes the ``anomalib`` command seed runs with
+``--seed_everything`` and end with Aand's own message when it refuses the model's arguments
+(``workarounds.seed_everything_in_anomalib_cli``, ``workarounds.model_errors_last_in_anomalib_cli``).
 """
 
 from typing import TYPE_CHECKING, Any
@@ -33,10 +35,16 @@ def __getattr__(name: str) -> Any:  # noqa: ANN401  (a class)
     """``Aand`` and ``AandModel``, imported on first use."""
     if name == "Aand":
         from .lightning_model import Aand
-        from .workarounds import allow_non_ascii_paths
+        from .workarounds import (
+            allow_non_ascii_paths,
+            model_errors_last_in_anomalib_cli,
+            seed_everything_in_anomalib_cli,
+        )
 
         register()
         allow_non_ascii_paths()
+        seed_everything_in_anomalib_cli()
+        model_errors_last_in_anomalib_cli()
         globals()["Aand"] = Aand
         return Aand
     if name == "AandModel":

@@ -290,6 +290,20 @@ def clamp_normalised_outputs(model: "ov.Model") -> "ov.Model":
     return model
 
 
+def check_calibration_data(datamodule: "AnomalibDataModule | None") -> None:
+    """Refuse INT8 quantisation without calibration images; call it before anything is exported.
+
+    The message keeps anomalib 2.7's phrase ("Datamodule must be provided"), which its own tests match.
+    """
+    if datamodule is None:
+        msg = (
+            "Datamodule must be provided for INT8 quantisation: it calibrates on the datamodule's images. Pass one "
+            "(`anomalib export ... --data <datamodule> --data.val_split_mode from_train`, so that it calibrates on "
+            "training images; Python: `datamodule=...`). Nothing was exported."
+        )
+        raise ValueError(msg)
+
+
 def quantize_openvino_ir(
     xml: Path,
     datamodule: "AnomalibDataModule | None",
@@ -305,12 +319,7 @@ def quantize_openvino_ir(
     """
     import openvino as ov
 
-    if datamodule is None:
-        msg = (
-            "INT8 quantisation needs calibration images: pass a datamodule (`--data ...`), with "
-            "`--data.val_split_mode from_train` so that it calibrates on training images."
-        )
-        raise ValueError(msg)
+    check_calibration_data(datamodule)
     datamodule.setup("fit")
     model = clamp_normalised_outputs(ov.Core().read_model(xml))
     images = datamodule.val_dataloader()

@@ -8,6 +8,7 @@ the epoch, so a checkpoint saved in either stage resumes in the right one.
 """
 
 import logging
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -21,23 +22,36 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torchmetrics import Metric
 
-from .components.checkpoints import check_checkpoint, check_checkpoint_file, saved_checkpoints
-from .components.data_checks import check_datamodule_once
+from .components.checkpoints import (
+    check_checkpoint,
+    check_checkpoint_file,
+    check_finished,
+    check_finite_state,
+    check_resumable,
+    check_thresholds,
+    foreign_checkpoint_message,
+    saved_checkpoints,
+)
+from .components.data_checks import check_datamodule_once, check_pixel_depth, loader_image_paths
+from .components.errors import AandInputError
 from .components.feature_cache import Stage2FeatureCache
 from .components.settings import check_export_size, check_hyperparameters, paper_defaults
 from .components.synthesis import AnomalySynthesizer
 from .components.teacher import load_teacher_weights, teacher_pre_processor
-from .int8 import accuracy_control_metric, quantize_openvino_ir
+from .int8 import accuracy_control_metric, check_calibration_data, quantize_openvino_ir
 from .loss import AmplificationLoss, DistillationLoss, NonFiniteLossGuard
 from .torch_model import AandModel
 from .workarounds import (
     broadcast_buffers_from_rank_zero,
     check_dataset_before_download,
     ddp_find_unused_parameters,
+    evaluator_state_follows_the_model,
+    keep_previous_checkpoint_on_failed_save,
     keep_trained_weights_on_retest,
     save_checkpoint_every_epoch,
 )
@@ -134,8 +148,6 @@ class Aand(AnomalibModule):
         self.distillation_loss = DistillationLoss(distillation_loss, hkd_top_k)
         self.loss_guard = NonFiniteLossGuard()
         self.model = AandModel(backbone, layers, num_keys, gate_temperature, amplification=stage1_epochs > 0)
-        if self.input_size is not None:
-            self.model.check_input_size(self.input_size, hkd_top_k)
         self.register_buffer("teacher_initialised", torch.tensor(data=False))
         self.synthesizer_arguments = {
             "probability": anomaly_probability,
@@ -144,6 +156,7 @@ class Aand(AnomalibModule):
         }
         self.synthesizer: AnomalySynthesizer | None = None  # built when a stage-1 epoch starts: textures needed then
         self.feature_cache = Stage2FeatureCache(cache_features, cache_budget_gb)
+        self.resumed_from: str | None = None  # the checkpoint this module's fit resumed from
 
     @classmethod
     def configure_pre_processor(
@@ -189,12 +202,12 @@ class Aand(AnomalibModule):
         self.model.check_input_size(batch.image.shape[-2:], self.distillation_loss.top_k)
         stage = self.stage
         if stage == 1:
-            images, mask, foreground = self.synthesizer(batch.image)
+            images, mask, foreground = (self.model.tile(x) for x in self.synthesizer(batch.image))
             features = self.model.extract(images)
             amplified, gates = self.model.amplify(features, mask)
             losses = self.amplification_loss(features, amplified, gates, mask, foreground)
         else:
-            targets = self.feature_cache(batch.image, batch.image_path, self.model.amplified_features)
+            targets = self.stage2_targets(batch)
             losses = {"loss": self.distillation_loss(targets, self.model.distill(targets))}
         if self.loss_guard.record(losses, stage, self.current_epoch, self.global_step):
             self.check_losses()
@@ -208,6 +221,13 @@ class Aand(AnomalibModule):
         for name, value in losses.items():
             self.log(f"stage{stage}_{name}", value.detach(), prog_bar=True, on_epoch=True, batch_size=size)
         return {"loss": losses["loss"].detach()}
+
+    def stage2_targets(self, batch: Batch) -> list[torch.Tensor]:
+        """The batch's frozen amplified features: from the feature cache, or, when tiling, of each tile (uncached)."""
+        if self.model.tiler is None:
+            return self.feature_cache(batch.image, batch.image_path, self.model.amplified_features)
+        with torch.no_grad():
+            return self.model.amplified_features(self.model.tile(batch.image))
 
     def check_losses(self) -> None:
         """Stop training if a loss recorded since the last check was NaN or infinite (``NonFiniteLossGuard``)."""
@@ -252,13 +272,20 @@ class Aand(AnomalibModule):
             logger.info("AAND stage %d starts at epoch %d.", self.stage, self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
-        """Check the epoch's losses before its checkpoint is saved; step the active stage's learning-rate schedule.
+        """Check the epoch's losses and weights before its checkpoint is saved; step the stage's learning-rate schedule.
 
         All processes end the epoch with rank 0's buffers.
         """
         self.check_losses()
         self.lr_schedulers()[self.stage - 1].step()
         broadcast_buffers_from_rank_zero(self.model, self.trainer)
+        check_finite_state(
+            self.model, self.stage, self.current_epoch, self.learning_rate, saved_checkpoints(self.trainer)
+        )
+
+    def on_predict_start(self) -> None:
+        """Refuse images deeper than 8 bits, which anomalib would score clipped (predict reads any folder)."""
+        check_pixel_depth(loader_image_paths(self.trainer.predict_dataloaders), "images to predict")
 
     def on_validation_start(self) -> None:
         """All processes validate rank 0's model (the one the checkpoint holds)."""
@@ -270,24 +297,42 @@ class Aand(AnomalibModule):
         return super().configure_callbacks()
 
     def setup(self, stage: str) -> None:
-        """Check the images the stage will read (once, on rank 0); let DDP train both stages; save every epoch."""
+        """Check the image (or tile) size and the images the stage will read; let DDP train both stages; save safely.
+
+        The images are checked once, on rank 0. Checkpoints are saved every epoch, a failed save never damages the
+        previous one, and a checkpoint loaded is checked first.
+        """
+        self.model.check_input_size(self.input_size, self.distillation_loss.top_k)
         if self.trainer.datamodule is not None:
             check_datamodule_once(self.trainer.datamodule, stage, self.trainer.strategy)
         ddp_find_unused_parameters(self.trainer)
+        keep_previous_checkpoint_on_failed_save(self.trainer)
         if stage == "fit":
             save_checkpoint_every_epoch(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse checkpoints of another model or backbone; keep this run's weights on anomalib's re-test."""
+        """Refuse checkpoints that do not fit; keep this run's weights on anomalib's re-test; ignore evaluator state.
+
+        Refused: another model or backbone, another stage schedule when resuming, an interrupted run's checkpoint
+        for test or predict.
+        """
         check_checkpoint(checkpoint, self.state_dict(), self.hparams)
-        keep_trained_weights_on_retest(self._trainer, checkpoint, self.state_dict())
+        if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
+            check_resumable(checkpoint, self.stage1_epochs)
+            self.resumed_from = self._trainer.ckpt_path
+        keep_trained_weights_on_retest(self._trainer, checkpoint, self.state_dict(), self.resumed_from)
+        check_finished(checkpoint, self._trainer)
+        evaluator_state_follows_the_model(checkpoint, self.state_dict())
         super().on_load_checkpoint(checkpoint)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> "Aand":
-        """Load a trained model (``weights_only=True``, offline); a damaged file raises a clear error."""
+        """Load a trained model (``weights_only=True``, offline); a damaged or foreign file raises a clear error."""
         check_checkpoint_file(checkpoint_path)
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except pickle.UnpicklingError:
+            raise AandInputError(foreign_checkpoint_message(checkpoint_path)) from None
 
     # ------------------------------------------------------------------------ anomalib contract
     @staticmethod
@@ -304,6 +349,11 @@ class Aand(AnomalibModule):
             ],
         )
 
+    def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
+        """Anomalib's torch export, once the model has thresholds (it was validated after training)."""
+        check_thresholds(self.post_processor)
+        return super().to_torch(export_root=export_root, model_file_name=model_file_name)
+
     def to_onnx(
         self,
         export_root: Path | str,
@@ -319,6 +369,7 @@ class Aand(AnomalibModule):
         """
         if self.input_size is None:
             check_export_size(self.model, input_size, self.distillation_loss.top_k)
+        check_thresholds(self.post_processor)
         kwargs.setdefault("opset_version", 18)
         return super().to_onnx(
             export_root=export_root, model_file_name=model_file_name, input_size=input_size, **kwargs
@@ -339,7 +390,7 @@ class Aand(AnomalibModule):
         """Anomalib's OpenVINO export; ``INT8_PTQ`` and ``INT8_ACQ`` quantise with AAND's recipe.
 
         See :mod:`anomalib_aand.int8`; ``INT8_ACQ`` then runs NNCF's accuracy control with ``metric`` and
-        ``max_drop`` on the datamodule's test split, as anomalib does.
+        ``max_drop`` on the datamodule's test split, as anomalib does. Settings are checked before anything is written.
         """
         if compression_type not in {CompressionType.INT8_PTQ, CompressionType.INT8_ACQ}:
             return super().to_openvino(
@@ -354,7 +405,8 @@ class Aand(AnomalibModule):
                 **kwargs,
             )
         if compression_type == CompressionType.INT8_ACQ:
-            metric = accuracy_control_metric(metric, max_drop)  # checked before anything is written
+            metric = accuracy_control_metric(metric, max_drop)
+        check_calibration_data(datamodule)
         xml = super().to_openvino(
             export_root=export_root,
             model_file_name=model_file_name,

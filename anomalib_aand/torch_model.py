@@ -6,6 +6,7 @@ forward is what anomalib exports.
 """
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from anomalib.data import InferenceBatch
@@ -16,6 +17,9 @@ from .components.raa import ResidualAnomalyAmplification
 from .components.student import build_student
 from .components.synthesis import downsample_mask
 from .components.teacher import build_teacher
+
+if TYPE_CHECKING:
+    from anomalib.data.utils.tiler import Tiler
 
 
 class AandModel(nn.Module):
@@ -28,6 +32,9 @@ class AandModel(nn.Module):
         gate_temperature: Softmax temperature of the key matching.
         amplification: Build the RAA modules. Without them the student distils the plain teacher
             features (the paper's "no amplification" ablation, ``stage1_epochs=0``).
+
+    ``tiler`` (set by anomalib's ``TilerConfigurationCallback``, as for its ReverseDistillation) makes the forward
+    run the network on tiles of each image and join their features before the anomaly map is computed.
     """
 
     def __init__(
@@ -51,35 +58,46 @@ class AandModel(nn.Module):
         )
         self.bottleneck, self.decoder = build_student(backbone, layers, self.channels, self.reductions)
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=4.0)
+        self.tiler: Tiler | None = None
 
     @property
     def stride(self) -> int:
         """Image sides must be multiples of this: twice the deepest layer's reduction (the student halves it)."""
         return 2 * self.reductions[-1]
 
-    def check_input_size(self, size: Sequence[int], top_k: int = 1) -> None:
+    def check_input_size(self, size: Sequence[int] | None, top_k: int = 1) -> None:
         """Refuse an image size the student cannot mirror, or too small for HKD's ``top_k`` positions per image.
 
-        ``top_k`` may not exceed the positions of the coarsest feature map.
+        With a tiler the network sees tiles, so the tile size is checked instead of ``size``; ``None`` (any size)
+        passes otherwise. ``top_k`` may not exceed the positions of the coarsest feature map.
         """
+        what, fix = "Image", "Set the pre-processor's Resize (or the data's image size) accordingly."
+        if self.tiler is not None:
+            size = (self.tiler.tile_size_h, self.tiler.tile_size_w)
+            what, fix = "Tile", "Set the tiler's tile_size accordingly."
+        if size is None:
+            return
         height = int(size[0])
         width = int(size[1])
         stride = self.stride
         if height % stride or width % stride:
             ok = [stride * k for k in range(max(1, height // stride), height // stride + 3)]
             msg = (
-                f"Image size {height}x{width} does not suit backbone {self.backbone!r} with layers {self.layers}: "
-                f"height and width must be multiples of {stride}, e.g. {ok}. Set the pre-processor's Resize (or the "
-                "data's image size) accordingly."
+                f"{what} size {height}x{width} does not suit backbone {self.backbone!r} with layers {self.layers}: "
+                f"height and width must be multiples of {stride}, e.g. {ok}. {fix}"
             )
             raise ValueError(msg)
         smallest = (height // self.reductions[-1]) * (width // self.reductions[-1])
         if top_k > smallest:
             msg = (
-                f"hkd_top_k={top_k} exceeds the {smallest} positions of the coarsest feature map at image size "
-                f"{height}x{width}; lower it or use larger images."
+                f"hkd_top_k={top_k} exceeds the {smallest} positions of the coarsest feature map at {what.lower()} "
+                f"size {height}x{width}; lower it or use larger {what.lower()}s."
             )
             raise ValueError(msg)
+
+    def tile(self, images: torch.Tensor) -> torch.Tensor:
+        """The tiles of ``images`` (batch-major: image 0's tiles first) when tiling, else ``images``."""
+        return images if self.tiler is None else self.tiler.tile(images)
 
     def train(self, mode: bool = True) -> "AandModel":
         """Set the mode; the teacher's BatchNorm always stays in eval mode."""
@@ -117,9 +135,15 @@ class AandModel(nn.Module):
         return self.decoder(self.bottleneck(list(amplified)))
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
-        """Training: ``(amplified, student)`` features. Eval: ``InferenceBatch`` with score and map."""
-        amplified = self.amplified_features(images)
+        """Training: ``(amplified, student)`` features. Eval: ``InferenceBatch`` with score and map.
+
+        With a tiler, both feature lists are computed per tile and joined again (``Tiler.untile``).
+        """
+        amplified = self.amplified_features(self.tile(images))
         student = self.distill(amplified)
+        if self.tiler is not None:
+            amplified = [self.tiler.untile(features) for features in amplified]
+            student = [self.tiler.untile(features) for features in student]
         if self.training:
             return amplified, student
         anomaly_map = self.anomaly_map_generator(amplified, student, images.shape[-2:])

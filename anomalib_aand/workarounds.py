@@ -1,19 +1,23 @@
 """Workarounds of anomalib and Lightning behaviour that AAND's two-stage training runs into.
 
-Each is one function, called in one line from a hook of ``Aand`` (``allow_non_ascii_paths``: when the
-package is imported, as datamodules are set up before any hook runs); its docstring names the upstream
-behaviour and the versions it was seen in (anomalib 2.7.0, lightning 2.6.6). Remove a function when
-the versions the package supports no longer behave that way.
+Each is one function, called in one line from a hook of ``Aand`` (``allow_non_ascii_paths``,
+``seed_everything_in_anomalib_cli`` and ``model_errors_last_in_anomalib_cli``: when the package is imported, as
+datamodules are set up and the CLI builds the model before any hook runs); its docstring names the upstream
+behaviour and the versions it was seen in (anomalib 2.7.0, lightning 2.6.6, jsonargparse 4.46.0, torch 2.14).
+Remove a function when the versions the package supports no longer behave that way.
 """
 
 import contextlib
+import functools
 import logging
+import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -35,31 +39,67 @@ def save_checkpoint_every_epoch(trainer: Trainer) -> None:
             callback._save_on_train_epoch_end = True  # noqa: SLF001
 
 
+def keep_previous_checkpoint_on_failed_save(trainer: Trainer) -> None:
+    """Save checkpoints so that a failed save (a full disk) leaves the previous checkpoint intact.
+
+    anomalib 2.7.0 saves every epoch into the same ``weights/lightning/model.ckpt``. Lightning 2.6.6's
+    ``TorchCheckpointIO`` (``_atomic_save``) writes the new file through an fsspec transaction: a temporary file in
+    ``$TMPDIR``, then ``shutil.move`` onto the checkpoint. When ``$TMPDIR`` is on another filesystem (a tmpfs
+    ``/tmp``, results on a data disk or NFS), the move copies, and the copy truncates the old checkpoint first:
+    ``ENOSPC`` then leaves a cut-off file and nothing to resume from. ``CheckedCheckpointIO`` writes beside the
+    target and renames (and checks what it loads); it replaces only Lightning's default IO and the one anomalib's
+    ``Engine`` installs (``AnomalibCheckpointIO``, whose allowed types it keeps), never a user's own.
+    """
+    from anomalib.engine.plugins import AnomalibCheckpointIO
+
+    from .components.checkpoints import CheckedCheckpointIO
+
+    current = trainer.strategy.checkpoint_io
+    if type(current) in {TorchCheckpointIO, AnomalibCheckpointIO}:
+        trainer.strategy.checkpoint_io = CheckedCheckpointIO(getattr(current, "extra_safe_globals", None))
+
+
+def evaluator_state_follows_the_model(checkpoint: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load trained weights into a model built with another evaluator (``evaluator=False``, or a user's own).
+
+    anomalib 2.7.0's ``AUPRO`` keeps ``fpr_limit`` in a persistent buffer, so a checkpoint of Aand (whose default
+    evaluator has AUPRO) holds ``evaluator.test_metrics.5.fpr_limit``, and lightning 2.6.6's strict loading refuses
+    it for a model without that metric ("Unexpected key(s) in state_dict"); no built-in model's default evaluator
+    has AUPRO, so theirs load. The evaluator is configuration, not training: the checkpoint's ``evaluator.``
+    entries are replaced by those of the model it is loaded into (``state_dict``).
+    """
+    saved = {key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("evaluator.")}
+    saved.update({key: value for key, value in state_dict.items() if key.startswith("evaluator.")})
+    checkpoint["state_dict"] = saved
+
+
 def keep_trained_weights_on_retest(
     trainer: Trainer | None,
     checkpoint: dict[str, Any],
     state_dict: Mapping[str, torch.Tensor],
+    resumed_from: str | Path | None,
 ) -> None:
     """Keep the weights this run trained when anomalib reloads the checkpoint the run resumed from.
 
     ``anomalib train --ckpt_path X`` (anomalib 2.7.0) resumes from ``X``, then calls ``Engine.test`` with the
     same ``ckpt_path=X``: lightning 2.6.6 loads ``X`` again, which would test the interrupted run's weights
-    (without thresholds) instead of the finished model. When not fitting, a checkpoint older than the
-    trainer's step and without finite thresholds (anomalib's private post-processor buffer
-    ``post_processor._image_threshold``) is replaced by the module's own ``state_dict``; its callback state
-    (the thresholds live there too) is dropped.
+    (without thresholds), or, when a finished run was resumed to train longer, print the old model's metrics.
+    When not fitting, the checkpoint this trainer's fit resumed from (``resumed_from``), if older than the
+    trainer's step, is replaced by the module's own ``state_dict``; its callback state (the thresholds live
+    there too) is dropped.
     """
-    threshold = checkpoint["state_dict"].get("post_processor._image_threshold", torch.tensor(0.0))
     if (
         trainer is None
         or trainer.state.fn == TrainerFn.FITTING
+        or resumed_from is None
+        or trainer.ckpt_path is None
+        or Path(trainer.ckpt_path).resolve() != Path(resumed_from).resolve()
         or checkpoint.get("global_step", 0) >= trainer.global_step
-        or torch.isfinite(threshold).all()
     ):
         return
     logger.warning(
-        "anomalib reloads the interrupted checkpoint (step %d) this run resumed from; keeping the model "
-        "trained in this run (step %d) instead.",
+        "anomalib reloads the checkpoint (step %d) this run resumed from; keeping the model trained in this run "
+        "(step %d) instead.",
         checkpoint.get("global_step", 0),
         trainer.global_step,
     )
@@ -102,6 +142,87 @@ def allow_non_ascii_paths() -> None:
 
     if hasattr(path, "contains_non_printable_characters"):
         path.contains_non_printable_characters = _contains_non_printable_characters
+
+
+def _wrap_instantiate_classes(name: str, wrapper: Callable[[Callable[[Any], None], Any], None]) -> None:
+    """Wrap anomalib's ``AnomalibCLI.instantiate_classes`` with ``wrapper(original, cli)``, once per ``name``."""
+    from anomalib.cli.cli import AnomalibCLI
+
+    original = AnomalibCLI.instantiate_classes
+    if name in getattr(original, "aand_workarounds", ()):
+        return
+
+    @functools.wraps(original)
+    def instantiate_classes(cli: Any) -> None:  # noqa: ANN401  (an AnomalibCLI)
+        wrapper(original, cli)
+
+    instantiate_classes.aand_workarounds = {*getattr(original, "aand_workarounds", ()), name}
+    AnomalibCLI.instantiate_classes = instantiate_classes
+
+
+def _seed_then_instantiate(instantiate: Callable[[Any], None], cli: Any) -> None:  # noqa: ANN401
+    from lightning.pytorch import seed_everything
+
+    config = cli.config.get(str(cli.subcommand), cli.config)
+    seed = config.get("seed_everything") if hasattr(config, "get") else None
+    if seed is not None and seed is not False:
+        config["seed_everything"] = seed_everything(None if seed is True else seed, workers=True)
+    instantiate(cli)
+
+
+def seed_everything_in_anomalib_cli() -> None:
+    """Make ``anomalib train/fit/test/... --seed_everything N`` seed the run, as its help text says.
+
+    anomalib 2.7.0's ``AnomalibCLI`` declares ``--seed_everything`` ("Set to an int to run seed_everything with this
+    value before classes instantiation. Set to True to use a random seed.", default ``True``) but, unlike
+    lightning 2.6.6's ``LightningCLI._set_seed``, never calls ``seed_everything``: two runs of one configuration
+    start from different weights and synthetic anomalies. This seeds as ``LightningCLI`` does, before the classes
+    are built (``True``: a random seed; ``False``: none), and writes the seed used into the configuration, which
+    the run's ``config.yaml`` records.
+    """
+    _wrap_instantiate_classes("seed_everything", _seed_then_instantiate)
+
+
+def _model_error(cli: Any) -> Exception | None:  # noqa: ANN401
+    """The exception that Aand's constructor raises for the CLI's model arguments, or None."""
+    from .lightning_model import Aand
+
+    config = cli.config.get(str(cli.subcommand), cli.config)
+    model = config.get("model") if hasattr(config, "get") else None
+    class_path = getattr(model, "class_path", None)
+    if not isinstance(class_path, str) or class_path.rsplit(".", 1)[-1] != "Aand":
+        return None
+    init_args = dict(vars(model.get("init_args") or {}))
+    plain = {key: value for key, value in init_args.items() if not hasattr(value, "class_path")}
+    try:
+        Aand(**plain)
+    except Exception as error:  # noqa: BLE001  (whatever the constructor raises is the user's answer)
+        return error
+    return None
+
+
+def _model_errors_last(instantiate: Callable[[Any], None], cli: Any) -> None:  # noqa: ANN401
+    try:
+        instantiate(cli)
+    except ValueError as error:
+        cause = _model_error(cli)
+        if cause is None:
+            raise
+        print(f"error: --model {cli.config[cli.subcommand]['model'].class_path}: {cause}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+def model_errors_last_in_anomalib_cli() -> None:
+    """End an ``anomalib`` command whose model arguments Aand refuses with Aand's message, exit code 2.
+
+    jsonargparse 4.46.0 builds the model inside a ``Union[AnomalibModule, None]`` and turns the constructor's
+    exception into "Does not validate against any of the Union subtypes", whose last lines are the model's whole
+    ``Namespace(...)``; anomalib 2.7.0 prints it with a 200-line traceback, Aand's sentence (an unknown backbone, a
+    layer that does not exist, a negative epoch count) somewhere in the middle. When building the model fails,
+    the constructor is called once more with the plain arguments; its exception, if any, is printed as
+    ``error: ...`` (as jsonargparse prints an argument it cannot parse) and the command exits with code 2.
+    """
+    _wrap_instantiate_classes("model_errors_last", _model_errors_last)
 
 
 def ddp_find_unused_parameters(trainer: Trainer) -> None:

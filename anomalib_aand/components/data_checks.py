@@ -4,6 +4,7 @@ Each raises ``AandInputError`` with a message that names the files and says what
 a run before hours of training.
 """
 
+import contextlib
 import inspect
 import logging
 import os
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 # PIL modes that anomalib's ``read_image`` (``Image.convert("RGB")``) clips to 8 bits: nearly all white.
 HIGH_BIT_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+# A mask marking more of its image than this is probably inverted.
+MAX_DEFECT_SHARE = 0.5
 
 
 def check_dataset_folder(datamodule: object) -> None:
@@ -147,36 +150,74 @@ def check_masks_present(datamodule: AnomalibDataModule) -> None:
     raise AandInputError("\n".join(problems))
 
 
-def _inspect_image(path: str) -> tuple[str, str | None, tuple[int, int]]:
-    """``(PIL mode, error, (width, height))`` after decoding the whole file, as anomalib will when it reads it."""
+def _inspect_image(path: str, mask: bool = False) -> tuple[str, str | None, tuple[int, int], tuple[int, float]]:
+    """``(PIL mode, error, (width, height), (grey levels, non-zero share))`` after decoding the whole file.
+
+    The file is decoded as anomalib will when it reads it; the grey levels (values present after conversion to
+    8-bit grey, as anomalib reads masks) and the share of non-zero pixels are counted for masks only.
+    """
     try:
         with Image.open(path) as image:
             image.load()
             transparent = image.mode == "P" and "transparency" in image.info
-            return ("PA" if transparent else image.mode), None, image.size
+            values = (0, 0.0)
+            if mask and image.mode not in HIGH_BIT_DEPTH_MODES:
+                histogram = image.convert("L").histogram()
+                values = (sum(1 for count in histogram if count), 1 - histogram[0] / max(1, sum(histogram)))
+            return ("PA" if transparent else image.mode), None, image.size, values
     except Exception as error:  # noqa: BLE001  PIL raises many types for unreadable files
-        return "", f"{type(error).__name__}: {error}", (0, 0)
+        return "", f"{type(error).__name__}: {error}", (0, 0), (0, 0.0)
 
 
-def check_images(paths: Iterable[str | Path], what: str = "images") -> dict[str, tuple[int, int]]:
+def warn_about_mask_values(masks: Mapping[str, tuple[int, float]], what: str) -> None:
+    """Warn about masks that are not binary (JPEG artefacts) or mark most of their image (inverted, probably).
+
+    anomalib counts every non-zero pixel of a mask as defective, so the grey levels that JPEG compression leaves
+    around each defect, or an inverted mask, turn most of the image into ground-truth defect and the pixel metrics
+    are wrong, without any error. ``masks``: (grey levels, non-zero share) per file.
+    """
+    grey = [f"{path} ({levels} grey levels)" for path, (levels, _) in masks.items() if levels > 2]
+    most = [f"{path} ({share:.0%} marked)" for path, (_, share) in masks.items() if share > MAX_DEFECT_SHARE]
+    if grey:
+        logger.warning(
+            "%d %s are not binary: anomalib counts every non-zero pixel as defective, so their grey levels (JPEG "
+            "compression leaves them around every edge) count as defect too:%s\nSave masks losslessly (PNG) with 0 "
+            "for normal and 255 for defective pixels.",
+            len(grey),
+            what,
+            listing(grey),
+        )
+    if most:
+        logger.warning(
+            "%d %s mark more than %.0f%% of their image as defective; are they inverted? Defects must be non-zero "
+            "(white), normal pixels 0 (black):%s",
+            len(most),
+            what,
+            100 * MAX_DEFECT_SHARE,
+            listing(most),
+        )
+
+
+def check_images(paths: Iterable[str | Path], what: str = "images", masks: bool = False) -> dict[str, tuple[int, int]]:
     """Decode every file once; refuse unreadable and high-bit-depth files, warn about transparency.
 
     Grayscale images are fine (anomalib repeats the channel). 16-bit and float images would be
     clipped to 8 bits by anomalib's reader, so they raise; alpha channels are dropped (warning).
+    ``masks``: the files are masks; warn about those that are not binary or mark most of the image.
     Returns each file's (width, height).
     """
     files = sorted({str(p) for p in paths if isinstance(p, str | Path) and str(p) not in {"", "nan"}})
     if not files:
         return {}
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(_inspect_image, files))
-    unreadable = [f"{path} ({error})" for path, (_, error, _) in zip(files, results, strict=True) if error]
+        results = list(pool.map(_inspect_image, files, [masks] * len(files)))
+    unreadable = [f"{path} ({error})" for path, (_, error, _, _) in zip(files, results, strict=True) if error]
     deep = [
         f"{path} (mode {mode})"
-        for path, (mode, _, _) in zip(files, results, strict=True)
+        for path, (mode, _, _, _) in zip(files, results, strict=True)
         if mode in HIGH_BIT_DEPTH_MODES
     ]
-    alpha = [path for path, (mode, _, _) in zip(files, results, strict=True) if mode in ALPHA_MODES]
+    alpha = [path for path, (mode, _, _, _) in zip(files, results, strict=True) if mode in ALPHA_MODES]
     problems = []
     if unreadable:
         problems.append(
@@ -200,7 +241,40 @@ def check_images(paths: Iterable[str | Path], what: str = "images") -> dict[str,
             what,
             listing(alpha),
         )
-    return {path: size for path, (_, _, size) in zip(files, results, strict=True)}
+    if masks:
+        warn_about_mask_values({path: values for path, (_, _, _, values) in zip(files, results, strict=True)}, what)
+    return {path: size for path, (_, _, size, _) in zip(files, results, strict=True)}
+
+
+def check_pixel_depth(paths: Iterable[str | Path], what: str) -> None:
+    """Refuse images deeper than 8 bits, reading only each file's header (for prediction, which decodes them next).
+
+    anomalib's reader (``Image.convert("RGB")``) clips 16-bit and 12-bit images to 8 bits (nearly white) and
+    turns float images black, so they would be scored as such.
+    """
+    deep = []
+    for path in sorted({str(p) for p in paths}):
+        with contextlib.suppress(OSError), Image.open(path) as image:
+            if image.mode in HIGH_BIT_DEPTH_MODES:
+                deep.append(f"{path} (mode {image.mode})")
+    if deep:
+        msg = (
+            f"{len(deep)} {what} have 16-bit, 12-bit or float pixels, which anomalib's reader clips to 8 bits (they "
+            f"would be scored as a white or black image):{listing(deep)}\nConvert them to 8 bits first, scaling "
+            "the values to 0..255, e.g. with numpy: (img / img.max() * 255).astype('uint8')."
+        )
+        raise AandInputError(msg)
+
+
+def loader_image_paths(dataloaders: object) -> list[str]:
+    """Image paths of the datasets behind one or more dataloaders (anomalib datasets and ``PredictDataset``)."""
+    loaders = dataloaders if isinstance(dataloaders, list | tuple) else [dataloaders]
+    paths = []
+    for loader in loaders:
+        dataset = getattr(loader, "dataset", None)
+        paths += _dataset_paths(dataset, "image_path")
+        paths += [str(p) for p in getattr(dataset, "image_filenames", None) or []]
+    return paths
 
 
 def _dataset_paths(dataset: object, column: str) -> list[str]:
@@ -239,7 +313,7 @@ def check_datamodule(datamodule: object, stage: str) -> None:
     images = [p for dataset in present.values() for p in _dataset_paths(dataset, "image_path")]
     masks = [p for dataset in present.values() for p in _dataset_paths(dataset, "mask_path")]
     sizes = check_images(images, what=f"{'/'.join(present)} images of {source}")
-    sizes |= check_images(masks, what=f"masks of {source}")
+    sizes |= check_images(masks, what=f"masks of {source}", masks=True)
     check_mask_sizes([pair for dataset in present.values() for pair in _image_mask_pairs(dataset)], sizes, source)
 
 
