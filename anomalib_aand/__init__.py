@@ -4,8 +4,9 @@
 package's tools that need no anomalib (``python -m anomalib_aand.tools.demo``) start without importing it.
 Importing ``Aand`` also registers it in ``anomalib.models`` (``register``), lets dataset paths hold non-ASCII
 letters (``workarounds.allow_non_ascii_paths``), and makes the ``anomalib`` command seed runs with
-``--seed_everything`` and end with Aand's own message when it refuses the model's arguments
-(``workarounds.seed_everything_in_anomalib_cli``, ``workarounds.model_errors_last_in_anomalib_cli``).
+``--seed_everything`` and end with Aand's own message (exit code 2) when it refuses the model's arguments or the
+command's input (``workarounds.seed_everything_in_anomalib_cli``, ``model_errors_last_in_anomalib_cli``,
+``input_errors_without_traceback_in_anomalib_cli``).
 """
 
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ def __getattr__(name: str) -> Any:  # noqa: ANN401  (a class)
         from .lightning_model import Aand
         from .workarounds import (
             allow_non_ascii_paths,
+            input_errors_without_traceback_in_anomalib_cli,
             model_errors_last_in_anomalib_cli,
             seed_everything_in_anomalib_cli,
         )
@@ -45,6 +47,7 @@ def __getattr__(name: str) -> Any:  # noqa: ANN401  (a class)
         allow_non_ascii_paths()
         seed_everything_in_anomalib_cli()
         model_errors_last_in_anomalib_cli()
+        input_errors_without_traceback_in_anomalib_cli()
         globals()["Aand"] = Aand
         return Aand
     if name == "AandModel":

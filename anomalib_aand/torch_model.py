@@ -13,6 +13,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator
+from .components.errors import AandInputError
 from .components.raa import ResidualAnomalyAmplification
 from .components.student import build_student
 from .components.synthesis import downsample_mask
@@ -86,14 +87,14 @@ class AandModel(nn.Module):
                 f"{what} size {height}x{width} does not suit backbone {self.backbone!r} with layers {self.layers}: "
                 f"height and width must be multiples of {stride}, e.g. {ok}. {fix}"
             )
-            raise ValueError(msg)
+            raise AandInputError(msg)
         smallest = (height // self.reductions[-1]) * (width // self.reductions[-1])
         if top_k > smallest:
             msg = (
                 f"hkd_top_k={top_k} exceeds the {smallest} positions of the coarsest feature map at {what.lower()} "
                 f"size {height}x{width}; lower it or use larger {what.lower()}s."
             )
-            raise ValueError(msg)
+            raise AandInputError(msg)
 
     def tile(self, images: torch.Tensor) -> torch.Tensor:
         """The tiles of ``images`` (batch-major: image 0's tiles first) when tiling, else ``images``."""

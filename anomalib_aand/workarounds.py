@@ -1,8 +1,8 @@
 """Workarounds of anomalib and Lightning behaviour that AAND's two-stage training runs into.
 
-Each is one function, called in one line from a hook of ``Aand`` (``allow_non_ascii_paths``,
-``seed_everything_in_anomalib_cli`` and ``model_errors_last_in_anomalib_cli``: when the package is imported, as
-datamodules are set up and the CLI builds the model before any hook runs); its docstring names the upstream
+Each is one function, called in one line from a hook of ``Aand`` (``allow_non_ascii_paths`` and the three
+``..._in_anomalib_cli``: when the package is imported, as datamodules are set up and the CLI builds the model
+before any hook runs); its docstring names the upstream
 behaviour and the versions it was seen in (anomalib 2.7.0, lightning 2.6.6, jsonargparse 4.46.0, torch 2.14).
 Remove a function when the versions the package supports no longer behave that way.
 """
@@ -144,20 +144,20 @@ def allow_non_ascii_paths() -> None:
         path.contains_non_printable_characters = _contains_non_printable_characters
 
 
-def _wrap_instantiate_classes(name: str, wrapper: Callable[[Callable[[Any], None], Any], None]) -> None:
-    """Wrap anomalib's ``AnomalibCLI.instantiate_classes`` with ``wrapper(original, cli)``, once per ``name``."""
+def _wrap_cli_method(method: str, name: str, wrapper: Callable[[Callable[[Any], None], Any], None]) -> None:
+    """Wrap anomalib's ``AnomalibCLI.<method>`` with ``wrapper(original, cli)``, once per ``name``."""
     from anomalib.cli.cli import AnomalibCLI
 
-    original = AnomalibCLI.instantiate_classes
+    original = getattr(AnomalibCLI, method)
     if name in getattr(original, "aand_workarounds", ()):
         return
 
     @functools.wraps(original)
-    def instantiate_classes(cli: Any) -> None:  # noqa: ANN401  (an AnomalibCLI)
+    def wrapped(cli: Any) -> None:  # noqa: ANN401  (an AnomalibCLI)
         wrapper(original, cli)
 
-    instantiate_classes.aand_workarounds = {*getattr(original, "aand_workarounds", ()), name}
-    AnomalibCLI.instantiate_classes = instantiate_classes
+    wrapped.aand_workarounds = {*getattr(original, "aand_workarounds", ()), name}
+    setattr(AnomalibCLI, method, wrapped)
 
 
 def _seed_then_instantiate(instantiate: Callable[[Any], None], cli: Any) -> None:  # noqa: ANN401
@@ -180,7 +180,7 @@ def seed_everything_in_anomalib_cli() -> None:
     are built (``True``: a random seed; ``False``: none), and writes the seed used into the configuration, which
     the run's ``config.yaml`` records.
     """
-    _wrap_instantiate_classes("seed_everything", _seed_then_instantiate)
+    _wrap_cli_method("instantiate_classes", "seed_everything", _seed_then_instantiate)
 
 
 def _model_error(cli: Any) -> Exception | None:  # noqa: ANN401
@@ -222,7 +222,30 @@ def model_errors_last_in_anomalib_cli() -> None:
     the constructor is called once more with the plain arguments; its exception, if any, is printed as
     ``error: ...`` (as jsonargparse prints an argument it cannot parse) and the command exits with code 2.
     """
-    _wrap_instantiate_classes("model_errors_last", _model_errors_last)
+    _wrap_cli_method("instantiate_classes", "model_errors_last", _model_errors_last)
+
+
+def _input_errors_without_traceback(run: Callable[[Any], None], cli: Any) -> None:  # noqa: ANN401
+    from .components.errors import AandInputError
+    from .components.teacher import TeacherError
+
+    try:
+        run(cli)
+    except (AandInputError, TeacherError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+def input_errors_without_traceback_in_anomalib_cli() -> None:
+    """End an ``anomalib`` command that Aand refuses for its input with Aand's message alone, exit code 2.
+
+    anomalib 2.7.0's CLI lets every exception of a run through, and its rich handler prints some 100 lines of
+    traceback through Lightning and anomalib before the message. Aand's ``AandInputError`` and ``TeacherError``
+    (a dataset, image, mask, checkpoint, export setting or teacher weight file it cannot use) are mistakes in
+    the command's input, not failures of the code: only the message is printed, as ``error: ...`` (as
+    jsonargparse prints an argument it cannot parse), and the command exits with code 2.
+    """
+    _wrap_cli_method("_run_subcommand", "input_errors", _input_errors_without_traceback)
 
 
 def ddp_find_unused_parameters(trainer: Trainer) -> None:
