@@ -10,6 +10,8 @@ Remove a function when the versions the package supports no longer behave that w
 import contextlib
 import functools
 import logging
+import os
+import secrets
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -165,8 +167,10 @@ def _seed_then_instantiate(instantiate: Callable[[Any], None], cli: Any) -> None
 
     config = cli.config.get(str(cli.subcommand), cli.config)
     seed = config.get("seed_everything") if hasattr(config, "get") else None
+    if seed is True:  # a process launched for DDP inherits rank 0's seed
+        seed = int(os.environ.get("PL_GLOBAL_SEED") or secrets.randbelow(2**31))
     if seed is not None and seed is not False:
-        config["seed_everything"] = seed_everything(None if seed is True else seed, workers=True)
+        config["seed_everything"] = seed_everything(seed, workers=True)
     instantiate(cli)
 
 
@@ -176,9 +180,11 @@ def seed_everything_in_anomalib_cli() -> None:
     anomalib 2.7.0's ``AnomalibCLI`` declares ``--seed_everything`` ("Set to an int to run seed_everything with this
     value before classes instantiation. Set to True to use a random seed.", default ``True``) but, unlike
     lightning 2.6.6's ``LightningCLI._set_seed``, never calls ``seed_everything``: two runs of one configuration
-    start from different weights and synthetic anomalies. This seeds as ``LightningCLI`` does, before the classes
-    are built (``True``: a random seed; ``False``: none), and writes the seed used into the configuration, which
-    the run's ``config.yaml`` records.
+    start from different weights and synthetic anomalies. This seeds before the classes are built, as
+    ``LightningCLI`` does, but with ``True`` (the default) drawing a random seed as anomalib's help says (lightning
+    2.6.6's ``seed_everything(None)`` would give every run seed 0), or taking ``PL_GLOBAL_SEED`` in a process that
+    Lightning launched for DDP; ``False`` seeds nothing. The seed used is written into the configuration, which the
+    run's ``config.yaml`` records.
     """
     _wrap_cli_method("instantiate_classes", "seed_everything", _seed_then_instantiate)
 
