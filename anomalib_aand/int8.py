@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .components.errors import AandInputError
 from .components.synthesis import AnomalySynthesizer
 
 if TYPE_CHECKING:
@@ -299,9 +300,9 @@ def check_calibration_data(datamodule: "AnomalibDataModule | None") -> None:
         msg = (
             "Datamodule must be provided for INT8 quantisation: it calibrates on the datamodule's images. Pass one "
             "(`anomalib export ... --data <datamodule> --data.val_split_mode from_train`, so that it calibrates on "
-            "training images; Python: `datamodule=...`). Nothing was exported."
+            "training images; Python: `datamodule=...`)."
         )
-        raise ValueError(msg)
+        raise AandInputError(msg)
 
 
 def quantize_openvino_ir(

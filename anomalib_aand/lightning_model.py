@@ -156,7 +156,7 @@ class Aand(AnomalibModule):
         }
         self.synthesizer: AnomalySynthesizer | None = None  # built when a stage-1 epoch starts: textures needed then
         self.feature_cache = Stage2FeatureCache(cache_features, cache_budget_gb)
-        self.resumed_from: str | None = None  # the checkpoint this module's fit resumed from
+        self.resumed_from: str | Path | None = None  # the checkpoint this module's fit resumed from
 
     @classmethod
     def configure_pre_processor(

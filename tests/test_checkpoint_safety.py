@@ -152,7 +152,7 @@ def test_model_without_thresholds_is_not_exported(tmp_path: Path, export: str) -
 def test_int8_without_calibration_data_fails_before_writing(tmp_path: Path) -> None:
     """anomalib's phrase, what to pass, and nothing written (it used to export FP32 first)."""
     model = tiny_aand()
-    with pytest.raises(ValueError, match=r"Datamodule must be provided.*--data.*Nothing was exported"):
+    with pytest.raises(ValueError, match=r"Datamodule must be provided.*--data"):
         model.to_openvino(tmp_path, compression_type=CompressionType.INT8_PTQ)
     assert not [path for path in tmp_path.rglob("*") if path.is_file()]
 
