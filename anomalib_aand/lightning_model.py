@@ -41,7 +41,7 @@ from .components.data_checks import check_datamodule_once, check_pixel_depth, lo
 from .components.errors import AandInputError
 from .components.feature_cache import Stage2FeatureCache
 from .components.settings import check_export_size, check_hyperparameters, paper_defaults
-from .components.synthesis import AnomalySynthesizer
+from .components.synthesis import AnomalySynthesizer, drop_synthesizer_state
 from .components.teacher import load_teacher_weights, teacher_pre_processor
 from .int8 import accuracy_control_metric, check_calibration_data, quantize_openvino_ir
 from .loss import AmplificationLoss, DistillationLoss, NonFiniteLossGuard
@@ -314,8 +314,9 @@ class Aand(AnomalibModule):
         """Refuse checkpoints that do not fit; keep this run's weights on anomalib's re-test; ignore evaluator state.
 
         Refused: another model or backbone, another stage schedule when resuming, an interrupted run's checkpoint
-        for test or predict.
+        for test or predict. The stage-1 synthesizer's entries are dropped first: it is rebuilt when stage 1 starts.
         """
+        drop_synthesizer_state(checkpoint)
         check_checkpoint(checkpoint, self.state_dict(), self.hparams)
         if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
             check_resumable(checkpoint, self.stage1_epochs)

@@ -1,14 +1,18 @@
-"""Stage-1 synthetic anomalies: anomalib's DRAEM-style Perlin generator, optional foreground masking.
+"""Stage-1 synthetic anomalies: DRAEM-style Perlin masks for a whole batch, optional foreground masking.
 
-Images arrive normalised by the pre-processor; synthesis happens in [0, 1] pixel space and the
-result is normalised again, so the teacher sees what it sees at inference. As in the authors' code,
-an anomaly that falls (almost) entirely on background is drawn again, up to ``MAX_TRIES`` times, so
-the share of anomalous images stays at ``probability``.
+Images arrive normalised by the pre-processor; synthesis happens in [0, 1] pixel space, in float32 (also
+under mixed precision), and the result is normalised again, so the teacher sees what it sees at inference.
+The masks follow anomalib's ``PerlinAnomalyGenerator`` (same noise, rotation, threshold and blend), drawn for
+the batch at once so that a step reads the device once per round of redraws instead of several times per image;
+each anomaly's content goes through that generator's own texture list and augmentations. As in the authors'
+code, an anomaly that falls (almost) entirely on background is drawn again, up to ``MAX_TRIES`` times, so the
+share of anomalous images stays at ``probability``.
 """
 
 import atexit
 import functools
 import logging
+import math
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -18,10 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data.transforms.utils import extract_transforms_by_type
+from anomalib.data.utils import read_image
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
-from anomalib.models.components.filters import GaussianBlur2d
 from torch import nn
 from torchvision.transforms.v2 import Normalize
+from torchvision.transforms.v2.functional import resize
 
 from .textures import write_texture_bank
 
@@ -31,6 +36,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 PROCEDURAL = "procedural"  # anomaly_source_path value: a texture bank generated when stage 1 starts
 MAX_TRIES = 10  # draws of an anomaly before an image stays normal (the authors' limit)
 MIN_ANOMALY_PIXELS = 5  # an anomaly smaller than this on the foreground counts as missed (authors: > 4)
+# anomalib's PerlinAnomalyGenerator settings: lattice scales 2^0 .. 2^5, rotation, blend factor range
+PERLIN_MAX_OCTAVE = 5
+ROTATION_DEGREES = (-90.0, 90.0)
+BLEND_FACTOR = (0.2, 1.0)
 
 
 def check_anomaly_source(path: str | Path | None) -> None:
@@ -52,16 +61,24 @@ def check_anomaly_source(path: str | Path | None) -> None:
         raise ValueError(msg)
 
 
-def _otsu_threshold(values: torch.Tensor, bins: int = 64) -> torch.Tensor:
-    """Otsu's threshold of the values in [0, 1] (one image)."""
-    histogram = torch.histc(values, bins=bins, min=0.0, max=1.0)
-    probability = histogram / histogram.sum().clamp_min(1)
-    centres = (torch.arange(bins, device=values.device, dtype=values.dtype) + 0.5) / bins
-    weight_low = torch.cumsum(probability, 0)
-    mean_low = torch.cumsum(probability * centres, 0)
-    total_mean = mean_low[-1]
-    between = (total_mean * weight_low - mean_low) ** 2 / (weight_low * (1 - weight_low)).clamp_min(1e-12)
-    return centres[int(torch.argmax(between))]
+def otsu_thresholds(values: torch.Tensor, bins: int = 64) -> torch.Tensor:
+    """Otsu's threshold of each row of ``values`` (``(B, N)``, in [0, 1]): ``(B,)`` bin centres.
+
+    The histogram comes from ``torch.bincount`` (deterministic, any dtype, any device; ``torch.histc`` has no CUDA
+    kernel for half precision and refuses deterministic mode) with ``histc``'s bins; the cumulative sums run on
+    integer counts, so they are exact everywhere.
+    """
+    rows = values.shape[0]
+    index = (values.float() * bins).long().clamp_(0, bins - 1)
+    index += torch.arange(rows, device=values.device)[:, None] * bins
+    counts = torch.bincount(index.flatten(), minlength=rows * bins).view(rows, bins)
+    below = counts.cumsum(1)
+    below_sum = (counts * torch.arange(bins, device=values.device)).cumsum(1)
+    total = below[:, -1:].clamp_min(1).float()
+    weight_low = below / total
+    mean_low = (below_sum + 0.5 * below) / (bins * total)
+    between = (mean_low[:, -1:] * weight_low - mean_low) ** 2 / (weight_low * (1 - weight_low)).clamp_min(1e-12)
+    return (between.argmax(dim=1) + 0.5) / bins
 
 
 class ForegroundEstimator(nn.Module):
@@ -71,32 +88,97 @@ class ForegroundEstimator(nn.Module):
     counts as foreground when the split is not an object on a background: when the two sides' mean grey
     levels differ by less than ``min_contrast`` (textures, also under a gentle illumination gradient,
     which Otsu would otherwise cut into arbitrary halves), or when it leaves under ``min_fraction`` or over
-    ``1 - min_fraction`` of the image as foreground.
+    ``1 - min_fraction`` of the image as foreground. The whole batch at once, in float32 (also under autocast),
+    without reading the device.
     """
 
     def __init__(self, sigma: float = 8.0, min_fraction: float = 0.05, min_contrast: float = 0.1) -> None:
         super().__init__()
-        self.blur = GaussianBlur2d(sigma=sigma, channels=1)
+        radius = int(4.0 * sigma + 0.5)  # anomalib's GaussianBlur2d kernel size, 2 * radius + 1
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+        self.register_buffer("kernel", (kernel / kernel.sum()).view(1, 1, 1, -1), persistent=False)
         self.min_fraction = min_fraction
         self.min_contrast = min_contrast
 
+    def blur(self, grey: torch.Tensor) -> torch.Tensor:
+        """Gaussian blur of ``(B, 1, H, W)`` as two 1-D passes with reflected borders (anomalib's 2-D blur, faster)."""
+        radius = self.kernel.shape[-1] // 2
+        padded = F.pad(grey, (radius, radius, radius, radius), mode="reflect")
+        return F.conv2d(F.conv2d(padded, self.kernel), self.kernel.transpose(-1, -2))
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` images in [0, 1] to ``(B, 1, H, W)`` masks in {0, 1}."""
-        grey = self.blur(images.mean(dim=1, keepdim=True)).clamp(0, 1)
-        masks = []
-        for image in grey:
-            above = image > _otsu_threshold(image.flatten())
-            if not above.any() or above.all() or image[above].mean() - image[~above].mean() < self.min_contrast:
-                masks.append(torch.ones_like(image))
-                continue
-            border = torch.cat([above[0, 0], above[0, -1], above[0, :, 0], above[0, :, -1]]).float().mean()
-            foreground = ~above if border > 0.5 else above
-            fraction = foreground.float().mean()
-            if fraction < self.min_fraction or fraction > 1 - self.min_fraction:
-                foreground = torch.ones_like(foreground)
-            masks.append(foreground.float())
-        return torch.stack(masks)
+        """``(B, 3, H, W)`` images in [0, 1] to ``(B, 1, H, W)`` float32 masks in {0, 1}."""
+        with torch.autocast(images.device.type, enabled=False):
+            grey = self.blur(images.float().mean(dim=1, keepdim=True)).clamp(0, 1)
+        above = grey > otsu_thresholds(grey.flatten(1)).view(-1, 1, 1, 1)
+        count_above = above.flatten(1).sum(1)
+        count_below = above[0].numel() - count_above
+        mean_above = (grey * above).flatten(1).sum(1) / count_above.clamp_min(1)
+        mean_below = (grey * ~above).flatten(1).sum(1) / count_below.clamp_min(1)
+        whole = (count_above == 0) | (count_below == 0) | (mean_above - mean_below < self.min_contrast)
+        border = torch.cat([above[:, 0, 0], above[:, 0, -1], above[:, 0, :, 0], above[:, 0, :, -1]], dim=1)
+        outside_is_above = border.float().mean(dim=1) > 0.5
+        foreground = torch.where(outside_is_above.view(-1, 1, 1, 1), ~above, above)
+        fraction = foreground.flatten(1).float().mean(dim=1)
+        whole |= (fraction < self.min_fraction) | (fraction > 1 - self.min_fraction)
+        return torch.where(whole.view(-1, 1, 1, 1), torch.ones_like(grey), foreground.float())
+
+
+def perlin_noise(count: int, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """``count`` Perlin noise maps ``(count, height, width)``, drawn on ``device`` without reading it.
+
+    The distribution of anomalib's ``generate_perlin_noise`` (random lattice scales ``2^0 .. 2^5`` per axis over the
+    next power-of-two size, quintic fade; a map with no value above 0.5 is stretched to [-1, 1]), for a whole batch.
+    """
+    pad_h = 1 << max(height - 1, 0).bit_length()
+    pad_w = 1 << max(width - 1, 0).bit_length()
+    lattice = 2**PERLIN_MAX_OCTAVE + 1
+    scales = 2 ** torch.randint(0, PERLIN_MAX_OCTAVE + 1, (count, 2), device=device)
+    rows = torch.arange(pad_h, device=device)[None, :] * scales[:, :1] / pad_h  # (count, pad_h) lattice units
+    cols = torch.arange(pad_w, device=device)[None, :] * scales[:, 1:] / pad_w
+    row0 = rows.floor().long()
+    col0 = cols.floor().long()
+    row_t = rows - row0
+    col_t = cols - col0
+    angles = 2 * math.pi * torch.rand(count, lattice * lattice, device=device)
+
+    def corner(d_row: int, d_col: int) -> torch.Tensor:
+        index = (row0[:, :, None] + d_row) * lattice + (col0[:, None, :] + d_col)
+        angle = angles.gather(1, index.flatten(1)).view(count, pad_h, pad_w)
+        return angle.cos() * (row_t[:, :, None] - d_row) + angle.sin() * (col_t[:, None, :] - d_col)
+
+    def fade(t: torch.Tensor) -> torch.Tensor:
+        return 6 * t**5 - 15 * t**4 + 10 * t**3
+
+    fade_row = fade(row_t)[:, :, None]
+    fade_col = fade(col_t)[:, None, :]
+    top = torch.lerp(corner(0, 0), corner(1, 0), fade_row)
+    bottom = torch.lerp(corner(0, 1), corner(1, 1), fade_row)
+    noise = (math.sqrt(2) * torch.lerp(top, bottom, fade_col))[:, :height, :width]
+    low = noise.flatten(1).amin(1).view(-1, 1, 1)
+    spread = noise.flatten(1).amax(1).view(-1, 1, 1) - low
+    stretched = torch.where(spread > 0, (noise - low) / spread.clamp_min(1e-12), torch.zeros_like(noise)) * 2 - 1
+    peakless = ~(noise > 0.5).flatten(1).any(1).view(-1, 1, 1)
+    return torch.where(peakless, stretched, noise)
+
+
+def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each ``(B, C, H, W)`` image about its centre by its angle (bilinear, zeros outside)."""
+    height, width = images.shape[-2:]
+    radians = degrees * (math.pi / 180)
+    cos = radians.cos()
+    sin = radians.sin()
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin * height / width, torch.zeros_like(cos)], dim=1),
+            torch.stack([sin * width / height, cos, torch.zeros_like(cos)], dim=1),
+        ],
+        dim=1,
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def resolve_foreground_mask(setting: bool | Sequence[str], datamodule: Any) -> bool:  # noqa: ANN401
@@ -158,12 +240,9 @@ class AnomalySynthesizer(nn.Module):
         if anomaly_source_path == PROCEDURAL:
             anomaly_source_path = procedural_texture_bank()
         self.probability = probability
-        # the generator always draws an anomaly; which images get one is decided here, so retries keep the share
-        self.generator = PerlinAnomalyGenerator(
-            anomaly_source_path=anomaly_source_path,
-            probability=1.0,
-            blend_factor=(0.2, 1.0),
-        )
+        # anomalib's generator supplies the texture list and the augmentations of each anomaly's content; the masks
+        # are drawn here for the whole batch (its own draws are per image, each reading the device several times)
+        self.generator = PerlinAnomalyGenerator(anomaly_source_path=anomaly_source_path)
         self.foreground = ForegroundEstimator() if foreground_mask else None
         self.register_buffer(
             "mean", torch.zeros(1, 3, 1, 1) if mean is None else mean.view(1, -1, 1, 1), persistent=False
@@ -187,25 +266,77 @@ class AnomalySynthesizer(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(augmented images, anomaly mask, foreground mask)``; masks are ``(B, 1, H, W)``."""
-        pixels = (images * self.std + self.mean).clamp(0, 1)
-        foreground = torch.ones_like(pixels[:, :1])
-        if self.foreground is not None:
-            foreground = self.foreground(pixels)
-        augmented = pixels.clone()
+        """Return ``(augmented images, anomaly mask, foreground mask)``; masks are ``(B, 1, H, W)``, all float32.
+
+        Masks are drawn for the whole batch at once; each round of redraws reads the device once (which images
+        still lack an anomaly). Only the anomaly sources (anomalib's random augmentations) are made per image.
+        """
+        with torch.autocast(images.device.type, enabled=False):
+            pixels = (images.float() * self.std + self.mean).clamp(0, 1)
+            foreground = torch.ones_like(pixels[:, :1]) if self.foreground is None else self.foreground(pixels)
+            mask, noise, anomalous = self._masks(foreground)
+            sources = torch.zeros_like(pixels)
+            for index in anomalous:
+                sources[index] = self._source(noise[index])
+            blend = torch.empty(len(pixels), 1, 1, 1, device=pixels.device).uniform_(*BLEND_FACTOR)
+            augmented = pixels + blend * mask * (sources - pixels)
+            return (augmented - self.mean) / self.std, mask, foreground
+
+    def _masks(self, foreground: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Anomaly masks ``(B, 1, H, W)`` inside ``foreground``, their rotated noise ``(B, H, W)``, anomalous images.
+
+        ``probability`` of the images get a mask; one that leaves fewer than ``MIN_ANOMALY_PIXELS`` on the
+        foreground is drawn again, up to ``MAX_TRIES`` times.
+        """
+        count, _, height, width = foreground.shape
+        device = foreground.device
+        pending = torch.rand(count, device=device) < self.probability
+        drawn = torch.zeros_like(pending)
         mask = torch.zeros_like(foreground)
-        chosen = torch.rand(len(pixels)) < self.probability
-        for index in torch.nonzero(chosen).flatten().tolist():
-            image = pixels[index : index + 1]
-            region = foreground[index : index + 1]
-            for _ in range(MAX_TRIES):
-                candidate, candidate_mask = self.generator(image)
-                candidate_mask = candidate_mask * region
-                if candidate_mask.sum() >= MIN_ANOMALY_PIXELS:
-                    augmented[index] = (image + (candidate - image) * candidate_mask)[0]
-                    mask[index] = candidate_mask[0]
-                    break
-        return (augmented - self.mean) / self.std, mask, foreground
+        noise = torch.zeros_like(foreground[:, 0])
+        for _ in range(MAX_TRIES):
+            angles = torch.empty(count, device=device).uniform_(*ROTATION_DEGREES)
+            candidate_noise = rotate(perlin_noise(count, height, width, device)[:, None], angles)
+            candidate = (candidate_noise > 0.5).float() * foreground
+            accepted = pending & (candidate.flatten(1).sum(1) >= MIN_ANOMALY_PIXELS)
+            mask = torch.where(accepted.view(-1, 1, 1, 1), candidate, mask)
+            noise = torch.where(accepted.view(-1, 1, 1), candidate_noise[:, 0], noise)
+            pending &= ~accepted
+            drawn |= accepted
+            waiting, anomalous = torch.stack([pending, drawn]).tolist()
+            if not any(waiting):
+                break
+        return mask, noise, [index for index, anomaly in enumerate(anomalous) if anomaly]
+
+    def _source(self, noise: torch.Tensor) -> torch.Tensor:
+        """One anomaly's content ``(3, H, W)``, as ``PerlinAnomalyGenerator`` makes it.
+
+        A random texture of the anomaly source, or the grey noise itself, through three random augmentations.
+        """
+        height, width = noise.shape
+        paths = self.generator.anomaly_source_paths
+        if paths:
+            path = paths[int(torch.randint(len(paths), (1,)))]
+            source = read_image(path, as_tensor=True)
+            if source.shape[-2:] != (height, width):
+                source = resize(source, [height, width], antialias=True)
+            source = source.to(noise.device, non_blocking=True)
+        else:
+            source = noise.expand(3, height, width) * 0.5 + 0.25
+        return self.generator.augmenters(source)
+
+
+def drop_synthesizer_state(checkpoint: dict[str, Any]) -> None:
+    """Remove the stage-1 synthesizer's entries from a checkpoint's state dict.
+
+    The synthesizer is built when stage 1 starts and has nothing to restore, but a checkpoint may carry its buffers
+    (``synthesizer.foreground.blur.kernel`` from a model trained with foreground masks), which a strict load
+    (``load_from_checkpoint``, resuming before stage 1 starts again) would refuse as unexpected keys.
+    """
+    state = checkpoint.get("state_dict")
+    if isinstance(state, dict):
+        for key in [key for key in state if key.startswith("synthesizer.")]:
+            del state[key]
 
 
 def downsample_mask(mask: torch.Tensor, size: torch.Size | tuple[int, int], threshold: float = 0.3) -> torch.Tensor:
