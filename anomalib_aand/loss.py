@@ -26,8 +26,12 @@ MAX_ANOMALOUS_POSITIONS = 1000
 
 
 def focal_loss(gate: torch.Tensor, target: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
-    """Binary focal loss of the gate against the 0/1 mask, mean over positions."""
-    gate = gate.clamp(1e-6, 1 - 1e-6)
+    """Binary focal loss of the gate against the 0/1 mask, mean over positions, in float32.
+
+    float32 whatever the gate's precision: ``1 - 1e-6`` rounds to 1 in bfloat16 and float16, where a saturated gate
+    would give ``log(0)``.
+    """
+    gate = gate.float().clamp(1e-6, 1 - 1e-6)
     positive = -alpha * (1 - gate) ** gamma * target * torch.log(gate)
     negative = -(1 - alpha) * gate**gamma * (1 - target) * torch.log(1 - gate)
     return (positive + negative).mean()
@@ -38,10 +42,15 @@ def _positions(features: torch.Tensor) -> torch.Tensor:
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
-def _sample(index: torch.Tensor, limit: int) -> torch.Tensor:
-    if index.numel() <= limit:
-        return index
-    return index[torch.randperm(index.numel(), device=index.device)[:limit]]
+def _sample(candidates: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``limit`` positions drawn uniformly among the ``True`` entries of ``candidates``, on the device.
+
+    Returns ``min(limit, candidates.numel())`` indices and whether each is a candidate: the ``True`` entries get random
+    keys in [0, 1), the others 2, and the smallest keys win, so every candidate is taken before any non-candidate.
+    """
+    keys = torch.rand(candidates.shape, device=candidates.device).masked_fill_(~candidates, 2.0)
+    index = keys.topk(min(limit, candidates.numel()), largest=False, sorted=False).indices
+    return index, candidates[index]
 
 
 def amplification_loss(
@@ -63,23 +72,23 @@ def amplification_loss(
     normal = ~anomalous
     if foreground is not None:
         normal &= foreground.flatten() > 0.5
-    anomalous_idx = _sample(torch.nonzero(anomalous).squeeze(1), max_anomalous)
-    normal_idx = _sample(torch.nonzero(normal).squeeze(1), max_normal)
-    if anomalous_idx.numel() == 0 or normal_idx.numel() == 0:
-        return amplified.sum() * 0.0
+    anomalous_idx, anomalous_valid = _sample(anomalous, max_anomalous)
+    normal_idx, normal_valid = _sample(normal, max_normal)
     plain = _positions(features)
     boosted = _positions(amplified)
     reference = F.normalize(plain[normal_idx], dim=1)
     # cos(F_n, F^A_a) - cos(F_n, F_a) as one product: a single (normal x anomalous) matrix, not three
     shift = F.normalize(boosted[anomalous_idx], dim=1) - F.normalize(plain[anomalous_idx], dim=1)
-    return (reference @ shift.t()).add_(margin).relu_().mean()
+    pairs = normal_valid[:, None] & anomalous_valid[None, :]
+    terms = (reference @ shift.t()).add_(margin).relu_() * pairs
+    return terms.sum(dtype=torch.float32) / pairs.sum().clamp_min(1)
 
 
 def cosine_loss(targets: Sequence[torch.Tensor], students: Sequence[torch.Tensor]) -> torch.Tensor:
     """RD4AD's plain distillation loss: mean ``1 - cos`` of the flattened maps, summed over scales."""
-    loss = targets[0].new_zeros(())
+    loss = targets[0].new_zeros((), dtype=torch.float32)
     for target, student in zip(targets, students, strict=True):
-        loss = loss + (1 - F.cosine_similarity(target.flatten(1), student.flatten(1), dim=1)).mean()
+        loss = loss + (1 - F.cosine_similarity(target.flatten(1).float(), student.flatten(1).float(), dim=1)).mean()
     return loss
 
 
@@ -89,9 +98,9 @@ def hkd_loss(targets: Sequence[torch.Tensor], students: Sequence[torch.Tensor], 
     Per scale: the mean of the ``top_k`` largest per-position ``1 - cos`` of each image, plus the
     global term ``cosine_loss`` (mean ``1 - cos`` between each image's flattened maps).
     """
-    hard = targets[0].new_zeros(())
+    hard = targets[0].new_zeros((), dtype=torch.float32)
     for target, student in zip(targets, students, strict=True):
-        distance = 1 - F.cosine_similarity(target, student, dim=1).flatten(1)  # (B, H*W)
+        distance = 1 - F.cosine_similarity(target.float(), student.float(), dim=1).flatten(1)  # (B, H*W)
         hard = hard + distance.topk(top_k, dim=1).values.mean()
     return hard + cosine_loss(targets, students)
 
@@ -122,8 +131,8 @@ class AmplificationLoss(nn.Module):
         foreground: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """``{"loss", "focal", "amplification"}`` from per-scale features and gates and image-size 0/1 masks."""
-        focal = features[0].new_zeros(())
-        amplification = features[0].new_zeros(())
+        focal = features[0].new_zeros((), dtype=torch.float32)
+        amplification = features[0].new_zeros((), dtype=torch.float32)
         for plain, boosted, gate in zip(features, amplified, gates, strict=True):
             scale_mask = downsample_mask(mask, plain.shape[-2:])
             scale_foreground = None if foreground is None else downsample_mask(foreground, plain.shape[-2:])
