@@ -1,6 +1,7 @@
 """Anomaly map and image score from the amplified teacher and the student."""
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -8,8 +9,19 @@ from anomalib.models.components.filters import GaussianBlur2d
 from torch import nn
 
 
+def without_autocast(device_type: str) -> AbstractContextManager:
+    """Autocast switched off where it is on (steps under mixed precision); otherwise nothing, so exports stay plain."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
 class AnomalyMapGenerator(nn.Module):
-    """Sum over scales of ``1 - cos``, bilinearly upsampled to the image, Gaussian-blurred (sigma 4)."""
+    """Sum over scales of ``1 - cos``, bilinearly upsampled to the image, Gaussian-blurred (sigma 4).
+
+    Computed in float32 also under mixed precision, so that the thresholds and normalisation statistics that
+    validation stores (and an export carries) come from full-precision maps.
+    """
 
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()
@@ -22,10 +34,11 @@ class AnomalyMapGenerator(nn.Module):
         students: Sequence[torch.Tensor],
         image_size: tuple[int, int] | torch.Size,
     ) -> torch.Tensor:
-        """Return the ``(B, 1, H, W)`` anomaly map."""
+        """Return the ``(B, 1, H, W)`` float32 anomaly map."""
         anomaly_map = None
-        for target, student in zip(targets, students, strict=True):
-            distance = 1 - F.cosine_similarity(target, student, dim=1).unsqueeze(1)
-            distance = F.interpolate(distance, size=tuple(image_size), mode="bilinear", align_corners=True)
-            anomaly_map = distance if anomaly_map is None else anomaly_map + distance
-        return self.blur(anomaly_map)
+        with without_autocast(targets[0].device.type):
+            for target, student in zip(targets, students, strict=True):
+                distance = 1 - F.cosine_similarity(target.float(), student.float(), dim=1).unsqueeze(1)
+                distance = F.interpolate(distance, size=tuple(image_size), mode="bilinear", align_corners=True)
+                anomaly_map = distance if anomaly_map is None else anomaly_map + distance
+            return self.blur(anomaly_map)
