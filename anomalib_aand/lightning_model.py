@@ -89,7 +89,8 @@ class Aand(AnomalibModule):
         cache_features: In stage 2, compute the frozen amplified features of each training image once
             and train the student from that cache, when the training images are the same every epoch
             (checked); ``False`` recomputes them every step.
-        cache_budget_gb: Host memory the stage-2 feature cache may take; above it stage 2 runs uncached.
+        cache_budget_gb: Host memory the stage-2 feature caches of all processes on a machine may take; above it stage 2
+            runs uncached. On a GPU the cache goes to device memory first when it fits beside training (measured).
         normalization: Mean/std of the default pre-processor: ``"imagenet"`` (anomalib's default) or
             ``"teacher"`` (those the teacher's weights were trained with, timm's ``pretrained_cfg``).
             A given pre-processor is used as it is.
@@ -260,7 +261,7 @@ class Aand(AnomalibModule):
         self.feature_cache.stop()
 
     def on_train_epoch_start(self) -> None:
-        """Freeze what the current stage does not train, and say which stage runs."""
+        """Freeze what the current stage does not train, say which stage runs; fill the stage-2 cache once per fit."""
         if self.stage == 1 and self.synthesizer is None:
             self.synthesizer = AnomalySynthesizer.for_pre_processor(
                 self.pre_processor, self.trainer.datamodule, **self.synthesizer_arguments
@@ -270,6 +271,9 @@ class Aand(AnomalibModule):
             self.model.raa.requires_grad_(self.stage == 1)
         if self.current_epoch in {0, self.stage1_epochs}:
             logger.info("AAND stage %d starts at epoch %d.", self.stage, self.current_epoch)
+        if self.stage == 2:
+            transform = getattr(self.pre_processor, "transform", None)
+            self.feature_cache.fill(self.trainer, transform, self.model.amplified_features, self.device)
 
     def on_train_epoch_end(self) -> None:
         """Check the epoch's losses and weights before its checkpoint is saved; step the stage's learning-rate schedule.

@@ -103,9 +103,11 @@ def interleaved_steps(backbone: str, args: argparse.Namespace) -> dict:
         args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0)
     )
     paths = [str(i) for i in range(args.batch_size)]
-    cache = FeatureStore(torch.float16)
     with torch.no_grad():
-        cache.put(paths, images, model.model.amplified_features(images))
+        features = model.model.amplified_features(images)
+    cpu = torch.device("cpu")
+    cache = FeatureStore([f.shape[1:] for f in features], len(images), torch.float16, cpu, cpu)
+    cache.put(0, paths, images, features)
 
     def step(*, cached: bool) -> float:
         start = time.perf_counter()

@@ -84,7 +84,7 @@ class Probe(Callback):
             self.record.setdefault("cache", []).append(
                 {
                     "epoch": trainer.current_epoch,
-                    "keys": sorted(targets.store.entries),
+                    "keys": sorted(targets.store.positions),
                     "hits": targets.hits,
                     "dtype": str(targets.dtype),
                 }

@@ -2,6 +2,7 @@
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from anomalib.data import MVTecAD
 from anomalib.pre_processing import PreProcessor
 from conftest import make_mvtec_dataset
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from anomalib_aand import Aand
@@ -124,7 +126,7 @@ def plain_run(data_root: Path) -> tuple[list[float], list[dict[str, torch.Tensor
 
 @pytest.mark.slow
 def test_cached_epochs_match_plain_loop(data_root: Path, plain_run) -> None:
-    """float32 cache: the second stage-2 epoch is served from the cache and ends with the same weights."""
+    """float32 cache: both stage-2 epochs are served from the cache and end with the same weights."""
     targets = Stage2FeatureCache(half_precision_rtol=-1.0)  # float32 storage
     model, recorder = _fit(data_root, targets=targets)
     losses, weights = _stage2(recorder)
@@ -132,8 +134,9 @@ def test_cached_epochs_match_plain_loop(data_root: Path, plain_run) -> None:
     assert model.feature_cache is targets
     assert targets.reason is None
     assert targets.dtype == torch.float32
-    assert targets.stored == 12  # every training image cached once
-    assert targets.hits == 3  # all of the second stage-2 epoch's batches came from the cache
+    assert targets.stored == 12  # every training image cached once, when stage 2 starts
+    assert targets.placement == "in host memory"
+    assert targets.hits == 6  # every stage-2 batch came from the cache, the first epoch's too
     assert not targets.enabled  # freed when training ends
     assert len(targets) == 0
     torch.testing.assert_close(losses, plain_losses, rtol=1e-5, atol=1e-6)
@@ -143,14 +146,16 @@ def test_cached_epochs_match_plain_loop(data_root: Path, plain_run) -> None:
 
 @pytest.mark.slow
 def test_half_precision_cache_keeps_loss(data_root: Path, plain_run, caplog: pytest.LogCaptureFixture) -> None:
-    """The default float16 cache moves the stage-2 losses by far less than HALF_PRECISION_RTOL."""
+    """The default float16 cache moves a stage-2 loss by far less than HALF_PRECISION_RTOL."""
     with caplog.at_level(logging.INFO, logger="anomalib_aand"):
         model, recorder = _fit(data_root)
     assert "trains from cached teacher features: 12 images" in caplog.text
     assert "float16" in caplog.text
     assert model.feature_cache.dtype == torch.float16
     losses, _ = _stage2(recorder)
-    torch.testing.assert_close(losses, plain_run[0], rtol=HALF_PRECISION_RTOL, atol=0)
+    # the first step has the same weights as the float32 loop; after it the two trajectories drift apart slowly
+    torch.testing.assert_close(losses[0], plain_run[0][0], rtol=HALF_PRECISION_RTOL / 10, atol=0)
+    torch.testing.assert_close(losses, plain_run[0], rtol=0.02, atol=0)
 
 
 class AddNoise(v2.Transform):
@@ -210,8 +215,8 @@ def test_resume_rebuilds_cache_and_checkpoint_holds_none(data_root: Path, tmp_pa
     )
     uncached, plain = _fit(data_root, epochs=4, stage2_epochs=3, ckpt_path=checkpoint, cache_features=False)
     assert resumed.current_epoch == 4
-    assert resumed.feature_cache.stored == 12  # rebuilt in the first resumed epoch ...
-    assert resumed.feature_cache.hits == 3  # ... and used in the second
+    assert resumed.feature_cache.stored == 12  # rebuilt when the resumed fit starts ...
+    assert resumed.feature_cache.hits == 6  # ... and used from its first epoch
     assert uncached.feature_cache.reason == "cache_features=False"
     assert uncached.feature_cache.stored == 0
     torch.testing.assert_close(cached.losses, plain.losses, rtol=1e-5, atol=1e-6)
@@ -226,40 +231,57 @@ def test_random_transforms_found_inside_compose() -> None:
     assert random_transforms(v2.Compose([v2.Resize(64), v2.CenterCrop(64)])) == []
 
 
-class _Loader:
-    """What ``Stage2FeatureCache.start`` reads of a trainer: the training set's size, the number of batches."""
+class _Trainer:
+    """What ``Stage2FeatureCache`` reads of a trainer: the training loader, the devices, the strategy."""
 
-    def __init__(self, images: int) -> None:
-        self.dataset = [None] * images
+    def __init__(self, dataset: list[SimpleNamespace], batch_size: int = 2) -> None:
+        self.train_dataloader = DataLoader(dataset, batch_size=batch_size, collate_fn=_collate)
         self.datamodule = self.lightning_module = None
-        self.train_dataloader = self
-        self.num_training_batches = images // 2
+        self.num_devices = 1
+        self.strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, **_: decision)
+
+
+def _collate(items: list[SimpleNamespace]) -> SimpleNamespace:
+    return SimpleNamespace(image=torch.stack([i.image for i in items]), image_path=[i.image_path for i in items])
+
+
+def _dataset(images: torch.Tensor, paths: list[str | None]) -> list[SimpleNamespace]:
+    return [SimpleNamespace(image=image, image_path=path) for image, path in zip(images, paths, strict=True)]
 
 
 def _features(images: torch.Tensor) -> list[torch.Tensor]:
     return [images * 2, images[:, :, ::2, ::2] + 1]
 
 
-def test_stage2_targets_serve_from_cache_and_fall_back() -> None:
-    """Unit: computed once per image, served after, float16 kept when the probe allows; a changed image ends it."""
-    targets = Stage2FeatureCache(budget_gb=1.0)
-    computed = []
-
-    def compute(images: torch.Tensor) -> list[torch.Tensor]:
-        computed.append(len(images))
-        return _features(images)
-
+def _started(trainer: _Trainer, **kwargs) -> Stage2FeatureCache:
+    targets = Stage2FeatureCache(**kwargs)
     loss = torch.nn.MSELoss()
     targets.start(
-        _Loader(4),
+        trainer,
         student=lambda features: [f * 0 for f in features],
         loss=lambda t, s: loss(t[0], s[0]),
         state=torch.nn.BatchNorm1d(3),
     )
+    return targets
+
+
+def test_stage2_targets_fill_once_serve_and_fall_back() -> None:
+    """Unit: the whole set computed once in dataset order, served after (float16), generators untouched; a changed
+    image ends it."""
     images = torch.rand(4, 3, 8, 8)
     paths = ["a", "b", "c", "d"]
-    first = targets(images[:2], paths[:2], compute)
-    targets(images[2:], paths[2:], compute)
+    trainer = _Trainer(_dataset(images, paths))
+    targets = _started(trainer, budget_gb=1.0)
+    computed = []
+
+    def compute(batch: torch.Tensor) -> list[torch.Tensor]:
+        computed.append(len(batch))
+        return _features(batch)
+
+    generator_state = torch.get_rng_state()
+    targets.fill(trainer, lambda x: x - 0.5, compute, torch.device("cpu"))
+    targets.fill(trainer, lambda x: x - 0.5, compute, torch.device("cpu"))  # once per fit
+    assert torch.equal(torch.get_rng_state(), generator_state)
     assert (targets.enabled, targets.dtype, targets.stored, len(targets), computed) == (
         True,
         torch.float16,
@@ -267,16 +289,22 @@ def test_stage2_targets_serve_from_cache_and_fall_back() -> None:
         4,
         [2, 2],
     )
-    again = targets(images[:2], paths[:2], compute)
+    assert targets.placement == "in host memory"
+    assert targets.store.nbytes == 4 * (3 * 8 * 8 + 3 * 4 * 4) * 2
+    served = targets((images[[3, 0]] - 0.5), ["d", "a"], compute)  # any order, any grouping
     assert targets.hits == 1
     assert computed == [2, 2]
-    for cached, fresh in zip(again, first, strict=True):
+    for cached, fresh in zip(served, _features(images[[3, 0]] - 0.5), strict=True):
+        assert cached.dtype == torch.float32
         torch.testing.assert_close(cached, fresh, rtol=1e-3, atol=1e-3)  # float16 storage
-    changed = images[2:].clone()
-    changed[0, 0, 0, 0] += 0.5
+    unknown = targets(images[:1] - 0.5, ["e"], compute)  # not in the training set: computed, not stored
+    torch.testing.assert_close(unknown[0], (images[:1] - 0.5) * 2)
+    assert targets.enabled
+    changed = images[2:] - 0.5
+    changed[1, 0, 0, 0] += 0.5
     served = targets(changed, paths[2:], compute)
     assert not targets.enabled
-    assert "changed between epochs" in targets.reason
+    assert targets.reason == "Training image 'd' changed between epochs (random augmentation?)."
     torch.testing.assert_close(served[0], changed * 2)
     targets.stop()
     assert len(targets) == 0
@@ -284,13 +312,13 @@ def test_stage2_targets_serve_from_cache_and_fall_back() -> None:
 
 def test_stage2_targets_budget_and_missing_paths() -> None:
     """The budget is the whole training set's features; batches without paths cannot be keyed."""
-    small = Stage2FeatureCache(budget_gb=1e-9)
-    small.start(_Loader(100), student=list, loss=lambda targets, _: targets[0].sum(), state=torch.nn.Identity())
-    small(torch.rand(2, 3, 8, 8), ["a", "b"], _features)
+    many = _Trainer(_dataset(torch.rand(100, 3, 8, 8), [str(i) for i in range(100)]))
+    small = _started(many, budget_gb=1e-9)
+    small.fill(many, None, _features, torch.device("cpu"))
     assert not small.enabled
     assert "for 100 images, over cache_budget_gb=1e-09" in small.reason
-    pathless = Stage2FeatureCache()
-    pathless.start(_Loader(4), student=list, loss=lambda targets, _: targets[0].sum(), state=torch.nn.Identity())
-    pathless(torch.rand(2, 3, 8, 8), None, _features)
-    assert pathless.reason == "the training batches carry no image paths to key the cache by"
+    pathless = _Trainer(_dataset(torch.rand(4, 3, 8, 8), [None] * 4))
+    targets = _started(pathless)
+    targets.fill(pathless, None, _features, torch.device("cpu"))
+    assert targets.reason == "the training batches carry no image paths to key the cache by"
     assert Stage2FeatureCache().reason == "training has not started"

@@ -1,11 +1,15 @@
-"""Stage-2 feature cache: the frozen amplified teacher features of each training image, computed once.
+"""Stage-2 feature cache: the frozen amplified teacher features of the whole training set, computed once.
 
 In AAND's second stage the teacher and the RAA modules are frozen and the training images carry no
-synthetic anomalies, so with deterministic data every epoch would recompute the same features. The
-cache keys them by image path and checks, on every hit, that the image is the one cached (a
-fingerprint of the pre-processed tensor): random augmentations can never be served stale features,
-they only switch the cache off. Batches keep coming from the datamodule's own loader, so batch order,
-epoch length, distributed sampling and resuming stay Lightning's.
+synthetic anomalies, so with deterministic data every epoch would recompute the same features. When stage 2
+starts, one pass over the training set (in dataset order, in float32) fills one contiguous tensor per scale,
+indexed by dataset position: in device memory when it fits beside training, else in host memory (pinned on a
+GPU machine, so that copies to the device do not block). Every process holds the whole set, so under DDP every
+batch is served from the first stage-2 epoch on, whichever images the sampler hands out. Each hit checks, on
+the compute device, that the batch's images are the ones cached (a fingerprint of the pre-processed tensor):
+random augmentations can never be served stale features, they only switch the cache off. Batches keep coming
+from the datamodule's own loader, so batch order, epoch length, distributed sampling and resuming stay
+Lightning's.
 """
 
 import logging
@@ -14,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -22,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 # Features are cached in float16 when that moves the first batch's loss by at most this share.
 HALF_PRECISION_RTOL = 1e-3
+# Share of the device memory free when stage 2 starts (after a training step's needs) that the cache may take.
+DEVICE_MEMORY_SHARE = 0.9
 
 # Transforms that draw random numbers, by torchvision v2 / anomalib class name (``Random*`` is implied).
 RANDOM_TRANSFORMS = frozenset(
@@ -62,22 +69,52 @@ def random_transforms(transform: nn.Module | None) -> list[str]:
     return found
 
 
+def _to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU index tensor on ``device``, without waiting for the device (pinned, non-blocking) on CUDA."""
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
+
+
 class FeatureStore:
-    """Per-image amplified features, stored on the CPU in ``dtype``.
+    """Amplified features of a training set: one ``(images, C, H, W)`` tensor per scale, rows by dataset position.
 
     Args:
+        shapes: Features of one image per scale, ``(C, H, W)``.
+        count: Images in the training set.
         dtype: Storage precision (``torch.float16`` halves the memory; features come back as float32).
+        compute_device: Where features are served and images fingerprinted (the training device).
+        storage_device: Where the features live: ``compute_device``, or the CPU.
+        pin_memory: Page-locked host storage, for non-blocking copies to the compute device.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float16) -> None:
+    def __init__(
+        self,
+        shapes: Sequence[Sequence[int]],
+        count: int,
+        dtype: torch.dtype,
+        compute_device: torch.device,
+        storage_device: torch.device,
+        pin_memory: bool = False,
+    ) -> None:
         self.dtype = dtype
-        self.entries: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}
-        self.hits = 0
+        self.compute_device = compute_device
+        self.pin_memory = pin_memory
+        self.features = [
+            torch.empty((count, *shape), dtype=dtype, device=storage_device, pin_memory=pin_memory) for shape in shapes
+        ]
+        self.fingerprints = torch.zeros(count, 2, dtype=torch.float64, device=compute_device)
+        self.positions: dict[str, int] = {}
         self._projection: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        """Images cached."""
-        return len(self.entries)
+        """Images stored."""
+        return len(self.positions)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the features take."""
+        return sum(storage.nbytes for storage in self.features)
 
     @staticmethod
     def bytes_per_image(features: Sequence[torch.Tensor], dtype: torch.dtype) -> int:
@@ -85,63 +122,67 @@ class FeatureStore:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return sum(f[0].numel() for f in features) * itemsize
 
-    def fingerprints(self, images: torch.Tensor) -> torch.Tensor:
-        """Two fixed random projections per image (float64); equal images give equal values."""
+    def fingerprint(self, images: torch.Tensor) -> torch.Tensor:
+        """Two fixed random projections per image (float64, on the images' device); equal images give equal values."""
         flat = images.detach().flatten(1).double()
         if self._projection is None or self._projection.shape[1] != flat.shape[1]:
             generator = torch.Generator().manual_seed(0)
             self._projection = torch.randn(2, flat.shape[1], generator=generator, dtype=torch.float64)
         self._projection = self._projection.to(flat.device)
-        return (flat @ self._projection.t()).cpu()
+        return flat @ self._projection.t()
+
+    def put(self, start: int, paths: Sequence[str], images: torch.Tensor, features: Sequence[torch.Tensor]) -> None:
+        """Store a batch of consecutive dataset positions from ``start`` (non-blocking copies, in the storage dtype)."""
+        rows = slice(start, start + len(paths))
+        for storage, feature in zip(self.features, features, strict=True):
+            storage[rows].copy_(feature.detach(), non_blocking=True)
+        self.fingerprints[rows] = self.fingerprint(images)
+        self.positions.update((path, start + i) for i, path in enumerate(paths))
 
     def get(self, paths: Sequence[str], images: torch.Tensor) -> list[torch.Tensor] | None:
-        """The batch's cached features (float32, on the images' device), or ``None`` if any image is missing.
+        """The batch's features (float32, on the compute device), or ``None`` if an image is not in the store.
 
-        Raises ``StaleCacheError`` when an image differs from the cached one.
+        Reads the device once (are all fingerprints equal?); raises ``StaleCacheError`` when an image changed.
         """
-        if any(path not in self.entries for path in paths):
+        positions = [self.positions.get(path) for path in paths]
+        if None in positions:
             return None
-        fingerprints = self.fingerprints(images)
-        for path, fingerprint in zip(paths, fingerprints, strict=True):
-            if not torch.allclose(fingerprint, self.entries[path][1], rtol=1e-9, atol=1e-9):
-                msg = f"Training image {path!r} changed between epochs (random augmentation?)."
-                raise StaleCacheError(msg)
-        scales = zip(*(self.entries[path][0] for path in paths), strict=True)
-        self.hits += 1
-        return [torch.stack(scale).to(images.device, torch.float32, non_blocking=True) for scale in scales]
+        index = torch.tensor(positions)
+        on_device = _to(index, self.compute_device)
+        stored = self.fingerprints.index_select(0, on_device)
+        same = torch.isclose(self.fingerprint(images), stored, rtol=1e-9, atol=1e-9).all(dim=1)
+        if not bool(same.all()):
+            changed = paths[same.tolist().index(False)]
+            msg = f"Training image {changed!r} changed between epochs (random augmentation?)."
+            raise StaleCacheError(msg)
+        return [self._gather(storage, index, on_device) for storage in self.features]
 
-    def put(self, paths: Sequence[str], images: torch.Tensor, features: Sequence[torch.Tensor]) -> None:
-        """Store each image's features (detached, CPU, ``dtype``) under its path."""
-        stored = [f.detach().to("cpu", self.dtype, copy=True) for f in features]  # never alias the step's tensors
-        for i, (path, fingerprint) in enumerate(zip(paths, self.fingerprints(images), strict=True)):
-            self.entries[path] = ([f[i] for f in stored], fingerprint)
-
-
-def train_images(trainer: "Trainer") -> tuple[int | None, int]:
-    """``(images, batches)`` per epoch of the process whose cache is sized: images ``None`` if unknown.
-
-    Under DDP the ``DistributedSampler`` hands each process a different share every epoch, so each process's
-    cache still grows towards the whole training set: ``images`` is the whole set's size.
-    """
-    try:
-        images = len(trainer.train_dataloader.dataset)
-    except (AttributeError, TypeError):
-        images = None
-    return images, trainer.num_training_batches
+    def _gather(self, storage: torch.Tensor, index: torch.Tensor, on_device: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` of one scale as float32 on the compute device."""
+        if storage.device == self.compute_device:
+            return storage.index_select(0, on_device).float()
+        if not self.pin_memory:
+            return storage.index_select(0, index).to(self.compute_device, torch.float32)
+        staged = torch.empty((len(index), *storage.shape[1:]), dtype=storage.dtype, pin_memory=True)
+        torch.index_select(storage, 0, index, out=staged)
+        return staged.to(self.compute_device, non_blocking=True).float()
 
 
 class Stage2FeatureCache:
     """Stage-2 training targets (the frozen amplified features of a batch), from the cache when allowed.
 
     The policy: ``start(...)`` when training starts decides what can be known from the trainer (the cache is
-    wanted, the training transforms are deterministic) and resets the counters; the first batch decides the
-    rest (the batches carry image paths, the cache fits ``budget_gb``, float16 or float32 storage); an image
-    that changes between epochs switches the cache off for the rest of the fit. Every decision against the
-    cache is logged with its reason (``reason``). ``stop()`` frees the cache: it never enters a checkpoint.
+    wanted, the training transforms are deterministic) and resets the counters; ``fill(...)`` when the first
+    stage-2 epoch of the fit starts decides the rest (the batches carry image paths; float16 or float32 storage,
+    agreed by all processes; device memory, host memory, or no cache) and computes the features of the whole
+    training set; an image that changes between epochs switches the cache off for the rest of the fit. Every
+    decision against the cache is logged with its reason (``reason``). ``stop()`` frees the cache: it never enters
+    a checkpoint.
 
     Args:
         enabled: Use the cache when allowed (``Aand(cache_features=...)``).
-        budget_gb: Host memory the cache may take; above it every step recomputes the features.
+        budget_gb: Host memory the caches of all processes on a machine may take together; a cache that fits
+            the GPU's free memory goes there instead and does not count.
         half_precision_rtol: Store float16 when that moves the first batch's loss by at most this share.
     """
 
@@ -158,14 +199,15 @@ class Stage2FeatureCache:
         self.reason: str | None = "training has not started"
         self.hits = self.stored = 0
         self.dtype: torch.dtype | None = None
-        self._epoch_size: tuple[int | None, int] = (None, 0)
+        self.placement: str | None = None
         self._processes = 1
         self._probe: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
-        self._decided = False
+        self._state: nn.Module | None = None
+        self._filled = False
 
     @property
     def enabled(self) -> bool:
-        """Whether batches are now served from (and stored into) the cache."""
+        """Whether batches are now served from the cache."""
         return self.store is not None
 
     def __len__(self) -> int:
@@ -181,16 +223,18 @@ class Stage2FeatureCache:
     ) -> None:
         """Begin a fit: forget any earlier cache; refuse it now if it is off or the transforms are random.
 
-        ``student`` and ``loss`` give the first batch's loss for the float16 decision; ``state``'s buffers
-        (BatchNorm statistics) are restored after that probe.
+        ``student`` and ``loss`` give the first batch's loss for the float16 decision and a training step's memory;
+        ``state``'s buffers (BatchNorm statistics) are restored after each probe, its trainable parameters count
+        towards that memory.
         """
         self.stop()
         self.hits = self.stored = 0
         self.dtype = None
-        self._decided = False
-        self._epoch_size = train_images(trainer)
+        self.placement = None
+        self._filled = False
         self._processes = max(1, int(getattr(trainer, "num_devices", 1) or 1))  # caches that share this machine
         self._probe = lambda features: _side_effect_free(state, lambda: loss(features, student(list(features))))
+        self._state = state
         self.reason = None
         if not self.requested:
             self.reason = "cache_features=False"
@@ -201,6 +245,135 @@ class Stage2FeatureCache:
         """Free the cache (training ended); the counters stay for inspection."""
         self.store = None
         self._probe = None
+        self._state = None
+
+    def fill(
+        self,
+        trainer: "Trainer",
+        pre_process: Callable[[torch.Tensor], torch.Tensor] | None,
+        compute: Callable[[torch.Tensor], list[torch.Tensor]],
+        device: torch.device,
+    ) -> None:
+        """At the first stage-2 epoch of a fit: open the cache if allowed and compute the whole training set into it.
+
+        One pass in dataset order over the training loader's dataset (same collate function, batch size and
+        workers), the images moved to ``device`` and through ``pre_process`` as anomalib's pre-processor does with
+        training batches, ``compute`` in float32 without gradients. Random number generators are left as they were.
+        """
+        if self._filled:
+            return
+        self._filled = True
+        loader = getattr(trainer, "train_dataloader", None)
+        dataset = getattr(loader, "dataset", None)
+        if self.reason is None and not hasattr(dataset, "__len__"):
+            self.reason = "the training set's size is unknown (an iterable dataset)"
+        if self.reason is not None:
+            self._log_refusal()
+            return
+        fork = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork), torch.no_grad(), torch.autocast(device.type, enabled=False):
+            self._fill(trainer, _in_order(loader), len(dataset), pre_process, compute, device)
+
+    def _fill(
+        self,
+        trainer: "Trainer",
+        batches: Iterable,
+        count: int,
+        pre_process: Callable[[torch.Tensor], torch.Tensor] | None,
+        compute: Callable[[torch.Tensor], list[torch.Tensor]],
+        device: torch.device,
+    ) -> None:
+        """The pass of ``fill``; every process takes the same decisions up to the storage dtype, which they agree."""
+        store = None
+        start = 0
+        for batch in batches:
+            paths = getattr(batch, "image_path", None)
+            if paths is None or any(path is None for path in paths):
+                self.reason = "the training batches carry no image paths to key the cache by"
+                self._log_refusal()
+                return
+            images = batch.image.to(device, non_blocking=True)
+            if pre_process is not None:
+                images = pre_process(images)
+            features = compute(images)
+            if store is None:
+                store = self._open(trainer, features, count, device)
+                if store is None:
+                    return
+            store.put(start, paths, images, features)
+            start += len(paths)
+        if store is None:
+            return
+        if store.pin_memory:
+            torch.cuda.synchronize(device)  # the host reads the pinned rows: the copies into them must be done
+        self.store = store
+        self.stored = len(store)
+        logger.info(
+            "AAND stage 2 trains from cached teacher features: %d images, %.3g GB in %s, %s.",
+            count,
+            store.nbytes / 1e9,
+            str(store.dtype).removeprefix("torch."),
+            self.placement,
+        )
+
+    def _open(
+        self, trainer: "Trainer", features: Sequence[torch.Tensor], count: int, device: torch.device
+    ) -> FeatureStore | None:
+        """After the first batch: storage dtype (agreed by all processes), then where the store goes, if anywhere."""
+        half = self._half_precision_keeps_loss(features)
+        dtype = torch.float16 if trainer.strategy.reduce_boolean_decision(half, all=True) else torch.float32
+        needed = count * FeatureStore.bytes_per_image(features, dtype)
+        shapes = [f.shape[1:] for f in features]
+        spare = self._spare_device_memory(features, device)
+        if spare is not None and needed <= spare:
+            self.placement = f"on {device}"
+            self.dtype = dtype
+            return FeatureStore(shapes, count, dtype, device, device)
+        budget_gb = self.budget_gb / self._processes  # each process on this machine holds its own copy
+        if needed <= budget_gb * 1e9:
+            pinned = device.type == "cuda"
+            self.placement = "in pinned host memory" if pinned else "in host memory"
+            self.dtype = dtype
+            return FeatureStore(shapes, count, dtype, device, torch.device("cpu"), pin_memory=pinned)
+        share = f" / {self._processes} processes on this machine" if self._processes > 1 else ""
+        gpu = f" and more than the {spare / 1e9:.3g} GB the GPU can spare" if spare is not None else ""
+        self.reason = (
+            f"it would take {needed / 1e9:.3g} GB for {count} images, over cache_budget_gb={self.budget_gb}"
+            f"{share}{gpu}; raise the budget to use it"
+        )
+        self._log_refusal()
+        return None
+
+    def _log_refusal(self) -> None:
+        log = logger.warning if self.requested else logger.info
+        log("AAND stage 2 recomputes the teacher features every step: %s.", self.reason)
+
+    def _half_precision_keeps_loss(self, features: Sequence[torch.Tensor]) -> bool:
+        """Whether float16 fits the features and moves the first batch's loss by at most ``half_precision_rtol``."""
+        if self._probe is None or any(f.abs().amax() >= torch.finfo(torch.float16).max for f in features):
+            return False
+        full = float(self._probe(features))
+        half = float(self._probe([f.half().float() for f in features]))
+        return abs(half - full) <= self.half_precision_rtol * abs(full)
+
+    def _spare_device_memory(self, features: Sequence[torch.Tensor], device: torch.device) -> int | None:
+        """CUDA memory the cache may take: ``DEVICE_MEMORY_SHARE`` of what is free after a training step's needs.
+
+        A step's needs are measured on the first batch: twice the peak of the student's forward pass with gradients
+        (activations kept for the backward pass, and their gradients), plus the student's gradients and Adam's two
+        moments. ``None`` off CUDA.
+        """
+        if device.type != "cuda" or self._probe is None or self._state is None:
+            return None
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with torch.enable_grad():
+            self._probe(features)
+        activations = torch.cuda.max_memory_allocated(device) - before
+        parameters = sum(p.nbytes for p in self._state.parameters() if p.requires_grad)
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # held by this process
+        return max(0, int(DEVICE_MEMORY_SHARE * (free - 2 * activations - 3 * parameters)))
 
     def __call__(
         self,
@@ -208,7 +381,7 @@ class Stage2FeatureCache:
         paths: Sequence[str] | None,
         compute: Callable[[torch.Tensor], list[torch.Tensor]],
     ) -> list[torch.Tensor]:
-        """The batch's targets: cached when the cache holds them, else ``compute(images)`` (no gradients), stored."""
+        """The batch's targets: cached when the cache holds them, else ``compute(images)`` (no gradients)."""
         if self.store is not None and paths is not None:
             try:
                 cached = self.store.get(paths, images)
@@ -221,58 +394,28 @@ class Stage2FeatureCache:
                     self.hits += 1
                     return cached
         with torch.no_grad():
-            features = compute(images)
-        if not self._decided:
-            self._decided = True
-            self._open(images, paths, features)
-        if self.store is not None and paths is not None:
-            self.store.put(paths, images, features)
-            self.stored = len(self.store)
-        return features
+            return compute(images)
 
-    def _open(self, images: torch.Tensor, paths: Sequence[str] | None, features: Sequence[torch.Tensor]) -> None:
-        """On the first stage-2 batch: open the cache if allowed, else log why not."""
-        if self.reason is None and (paths is None or any(path is None for path in paths)):
-            self.reason = "the training batches carry no image paths to key the cache by"
-        if self.reason is None:
-            dtype = self._storage_dtype(features)
-            count = self._epoch_size[0] or self._epoch_size[1] * len(images)
-            needed_gb = count * FeatureStore.bytes_per_image(features, dtype) / 1e9
-            budget_gb = self.budget_gb / self._processes  # each process on this machine holds its own cache
-            if needed_gb > budget_gb:
-                share = f" / {self._processes} processes on this machine" if self._processes > 1 else ""
-                self.reason = (
-                    f"it would take {needed_gb:.3g} GB for {count} images, over cache_budget_gb={self.budget_gb}"
-                    f"{share}; raise the budget to use it"
-                )
-        if self.reason is not None:
-            log = logger.warning if self.requested else logger.info
-            log("AAND stage 2 recomputes the teacher features every step: %s.", self.reason)
-            return
-        logger.info(
-            "AAND stage 2 trains from cached teacher features: %d images, %.3g GB in %s.",
-            count,
-            needed_gb,
-            str(dtype).removeprefix("torch."),
-        )
-        self.dtype = dtype
-        self.store = FeatureStore(dtype)
 
-    def _storage_dtype(self, features: Sequence[torch.Tensor]) -> torch.dtype:
-        """float16 when it fits the features and moves the first batch's loss by at most ``half_precision_rtol``."""
-        if self._probe is None or any(f.abs().amax() >= torch.finfo(torch.float16).max for f in features):
-            return torch.float32
-        full = float(self._probe(features))
-        half = float(self._probe([f.half().float() for f in features]))
-        return torch.float16 if abs(half - full) <= self.half_precision_rtol * abs(full) else torch.float32
+def _in_order(loader: DataLoader) -> DataLoader:
+    """The training loader's dataset once, in order: same collate function, batch size and workers."""
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size or 1,
+        shuffle=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn,
+    )
 
 
 def _side_effect_free(state: nn.Module, run: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``run()`` without gradients, then ``state``'s buffers as they were (BatchNorm running statistics)."""
+    """``run()``, then ``state``'s buffers as they were (BatchNorm running statistics)."""
     buffers = list(state.buffers())
     saved = [b.clone() for b in buffers]
+    result = run()
     with torch.no_grad():
-        result = run()
         for buffer, value in zip(buffers, saved, strict=True):
             buffer.copy_(value)
     return result
