@@ -19,8 +19,9 @@ def without_autocast(device_type: str) -> AbstractContextManager:
 class AnomalyMapGenerator(nn.Module):
     """Sum over scales of ``1 - cos``, bilinearly upsampled to the image, Gaussian-blurred (sigma 4).
 
-    Computed in float32 also under mixed precision, so that the thresholds and normalisation statistics that
-    validation stores (and an export carries) come from full-precision maps.
+    Computed in the module's own precision (float32 unless the model was converted), also under mixed precision,
+    so that the thresholds and normalisation statistics that validation stores (and an export carries) come from
+    full-precision maps.
     """
 
     def __init__(self, sigma: float = 4.0) -> None:
@@ -34,11 +35,12 @@ class AnomalyMapGenerator(nn.Module):
         students: Sequence[torch.Tensor],
         image_size: tuple[int, int] | torch.Size,
     ) -> torch.Tensor:
-        """Return the ``(B, 1, H, W)`` float32 anomaly map."""
+        """Return the ``(B, 1, H, W)`` anomaly map in the module's dtype."""
         anomaly_map = None
+        dtype = self.blur.kernel.dtype
         with without_autocast(targets[0].device.type):
             for target, student in zip(targets, students, strict=True):
-                distance = 1 - F.cosine_similarity(target.float(), student.float(), dim=1).unsqueeze(1)
+                distance = 1 - F.cosine_similarity(target.to(dtype), student.to(dtype), dim=1).unsqueeze(1)
                 distance = F.interpolate(distance, size=tuple(image_size), mode="bilinear", align_corners=True)
                 anomaly_map = distance if anomaly_map is None else anomaly_map + distance
             return self.blur(anomaly_map)
