@@ -261,7 +261,7 @@ class Aand(AnomalibModule):
         self.feature_cache.stop()
 
     def on_train_epoch_start(self) -> None:
-        """Freeze what the current stage does not train, say which stage runs; fill the stage-2 cache once per fit."""
+        """Freeze what the current stage does not train, say which stage runs; under DDP fill the stage-2 cache."""
         if self.stage == 1 and self.synthesizer is None:
             self.synthesizer = AnomalySynthesizer.for_pre_processor(
                 self.pre_processor, self.trainer.datamodule, **self.synthesizer_arguments

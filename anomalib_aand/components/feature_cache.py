@@ -1,19 +1,20 @@
-"""Stage-2 feature cache: the frozen amplified teacher features of the whole training set, computed once.
+"""Stage-2 feature cache: the frozen amplified teacher features of every training image, computed once.
 
 In AAND's second stage the teacher and the RAA modules are frozen and the training images carry no
-synthetic anomalies, so with deterministic data every epoch would recompute the same features. When stage 2
-starts, one pass over the training set (in dataset order, in float32) fills one contiguous tensor per scale,
-indexed by dataset position: in device memory when it fits beside training, else in host memory (pinned on a
-GPU machine, so that copies to the device do not block). Every process holds the whole set, so under DDP every
-batch is served from the first stage-2 epoch on, whichever images the sampler hands out. Each hit checks, on
-the compute device, that the batch's images are the ones cached (a fingerprint of the pre-processed tensor):
-random augmentations can never be served stale features, they only switch the cache off. Batches keep coming
-from the datamodule's own loader, so batch order, epoch length, distributed sampling and resuming stay
-Lightning's.
+synthetic anomalies, so with deterministic data every epoch would recompute the same features. The cache
+holds them in one contiguous tensor per scale, a row per training image found by its path: in device memory
+when it fits beside training, else in host memory (pinned on a GPU machine, so that copies to the device do
+not block). A single process stores each image's features as its first stage-2 epoch computes them. Under DDP
+the sampler hands each process another share of the images every epoch, so each process computes the whole
+training set when stage 2 starts (one pass in dataset order) and every batch is served from the first stage-2
+epoch on. Each hit checks, on the compute device, that the batch's images are the ones cached (a fingerprint of
+the pre-processed tensor): random augmentations can never be served stale features, they only switch the cache
+off. Batches keep coming from the datamodule's own loader, so batch order, epoch length, distributed sampling
+and resuming stay Lightning's.
 """
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ def _to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class FeatureStore:
-    """Amplified features of a training set: one ``(images, C, H, W)`` tensor per scale, rows by dataset position.
+    """Amplified features of a training set: one ``(images, C, H, W)`` tensor per scale, a row per image.
 
     Args:
         shapes: Features of one image per scale, ``(C, H, W)``.
@@ -106,6 +108,7 @@ class FeatureStore:
         self.fingerprints = torch.zeros(count, 2, dtype=torch.float64, device=compute_device)
         self.positions: dict[str, int] = {}
         self._projection: torch.Tensor | None = None
+        self._copies_pending = False
 
     def __len__(self) -> int:
         """Images stored."""
@@ -132,12 +135,13 @@ class FeatureStore:
         return flat @ self._projection.t()
 
     def put(self, start: int, paths: Sequence[str], images: torch.Tensor, features: Sequence[torch.Tensor]) -> None:
-        """Store a batch of consecutive dataset positions from ``start`` (non-blocking copies, in the storage dtype)."""
+        """Store a batch in the rows from ``start`` on (non-blocking copies, in the storage dtype), keyed by path."""
         rows = slice(start, start + len(paths))
         for storage, feature in zip(self.features, features, strict=True):
             storage[rows].copy_(feature.detach(), non_blocking=True)
         self.fingerprints[rows] = self.fingerprint(images)
         self.positions.update((path, start + i) for i, path in enumerate(paths))
+        self._copies_pending = self.pin_memory
 
     def get(self, paths: Sequence[str], images: torch.Tensor) -> list[torch.Tensor] | None:
         """The batch's features (float32, on the compute device), or ``None`` if an image is not in the store.
@@ -151,6 +155,9 @@ class FeatureStore:
         on_device = _to(index, self.compute_device)
         stored = self.fingerprints.index_select(0, on_device)
         same = torch.isclose(self.fingerprint(images), stored, rtol=1e-9, atol=1e-9).all(dim=1)
+        if self._copies_pending:  # the host reads pinned rows that the device may still be writing
+            torch.cuda.synchronize(self.compute_device)
+            self._copies_pending = False
         if not bool(same.all()):
             changed = paths[same.tolist().index(False)]
             msg = f"Training image {changed!r} changed between epochs (random augmentation?)."
@@ -172,12 +179,14 @@ class Stage2FeatureCache:
     """Stage-2 training targets (the frozen amplified features of a batch), from the cache when allowed.
 
     The policy: ``start(...)`` when training starts decides what can be known from the trainer (the cache is
-    wanted, the training transforms are deterministic) and resets the counters; ``fill(...)`` when the first
-    stage-2 epoch of the fit starts decides the rest (the batches carry image paths; float16 or float32 storage,
-    agreed by all processes; device memory, host memory, or no cache) and computes the features of the whole
-    training set; an image that changes between epochs switches the cache off for the rest of the fit. Every
-    decision against the cache is logged with its reason (``reason``). ``stop()`` frees the cache: it never enters
-    a checkpoint.
+    wanted, the training transforms are deterministic, the training set's size) and resets the counters. The first
+    stage-2 batch decides the rest (the batches carry image paths; float16 or float32 storage, agreed by all
+    processes; device memory, host memory, or no cache). A single process then stores each batch's features as its
+    first stage-2 epoch computes them, and serves them from the second epoch on; under DDP, where each process sees
+    another share of the images every epoch, ``fill(...)`` computes the whole training set when stage 2 starts, so
+    every batch is served from the first epoch on. An image that changes between epochs switches the cache off for
+    the rest of the fit. Every decision against the cache is logged with its reason (``reason``). ``stop()`` frees
+    the cache: it never enters a checkpoint.
 
     Args:
         enabled: Use the cache when allowed (``Aand(cache_features=...)``).
@@ -200,14 +209,17 @@ class Stage2FeatureCache:
         self.hits = self.stored = 0
         self.dtype: torch.dtype | None = None
         self.placement: str | None = None
+        self._count = 0
         self._processes = 1
+        self._distributed = False
+        self._strategy: Strategy | None = None
         self._probe: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None
         self._state: nn.Module | None = None
-        self._filled = False
+        self._decided = False
 
     @property
     def enabled(self) -> bool:
-        """Whether batches are now served from the cache."""
+        """Whether batches are served from the cache (or, in a single process's first stage-2 epoch, stored into it)."""
         return self.store is not None
 
     def __len__(self) -> int:
@@ -221,18 +233,23 @@ class Stage2FeatureCache:
         loss: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor],
         state: nn.Module,
     ) -> None:
-        """Begin a fit: forget any earlier cache; refuse it now if it is off or the transforms are random.
+        """Begin a fit: forget any earlier cache; refuse it now if it is off or cannot work.
 
-        ``student`` and ``loss`` give the first batch's loss for the float16 decision and a training step's memory;
-        ``state``'s buffers (BatchNorm statistics) are restored after each probe, its trainable parameters count
-        towards that memory.
+        It cannot when the training transforms are random or the training set's size is unknown. ``student`` and
+        ``loss`` give the first batch's loss for the float16 decision and a training step's memory; ``state``'s
+        buffers (BatchNorm statistics) are restored after each probe, its trainable parameters count towards that
+        memory.
         """
         self.stop()
         self.hits = self.stored = 0
         self.dtype = None
         self.placement = None
-        self._filled = False
+        self._decided = False
+        dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
+        self._count = len(dataset) if hasattr(dataset, "__len__") else 0
         self._processes = max(1, int(getattr(trainer, "num_devices", 1) or 1))  # caches that share this machine
+        self._distributed = int(getattr(trainer, "world_size", 1) or 1) > 1
+        self._strategy = trainer.strategy
         self._probe = lambda features: _side_effect_free(state, lambda: loss(features, student(list(features))))
         self._state = state
         self.reason = None
@@ -240,12 +257,15 @@ class Stage2FeatureCache:
             self.reason = "cache_features=False"
         elif found := _random_training_transforms(trainer):
             self.reason = f"the training transforms are random ({', '.join(found)}), so the features change every epoch"
+        elif not self._count:
+            self.reason = "the training set's size is unknown (an iterable dataset)"
 
     def stop(self) -> None:
         """Free the cache (training ended); the counters stay for inspection."""
         self.store = None
         self._probe = None
         self._state = None
+        self._strategy = None
 
     def fill(
         self,
@@ -254,95 +274,115 @@ class Stage2FeatureCache:
         compute: Callable[[torch.Tensor], list[torch.Tensor]],
         device: torch.device,
     ) -> None:
-        """At the first stage-2 epoch of a fit: open the cache if allowed and compute the whole training set into it.
+        """Under DDP, at the first stage-2 epoch of a fit: open the cache if allowed and compute the whole training set.
 
         One pass in dataset order over the training loader's dataset (same collate function, batch size and
         workers), the images moved to ``device`` and through ``pre_process`` as anomalib's pre-processor does with
         training batches, ``compute`` in float32 without gradients. Random number generators are left as they were.
+        A single process does nothing here: its first stage-2 epoch fills the cache (``__call__``).
         """
-        if self._filled:
+        if not self._distributed or self._decided:
             return
-        self._filled = True
-        loader = getattr(trainer, "train_dataloader", None)
-        dataset = getattr(loader, "dataset", None)
-        if self.reason is None and not hasattr(dataset, "__len__"):
-            self.reason = "the training set's size is unknown (an iterable dataset)"
+        self._decided = True
         if self.reason is not None:
             self._log_refusal()
             return
         fork = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork), torch.no_grad(), torch.autocast(device.type, enabled=False):
-            self._fill(trainer, _in_order(loader), len(dataset), pre_process, compute, device)
-
-    def _fill(
-        self,
-        trainer: "Trainer",
-        batches: Iterable,
-        count: int,
-        pre_process: Callable[[torch.Tensor], torch.Tensor] | None,
-        compute: Callable[[torch.Tensor], list[torch.Tensor]],
-        device: torch.device,
-    ) -> None:
-        """The pass of ``fill``; every process takes the same decisions up to the storage dtype, which they agree."""
-        store = None
-        start = 0
-        for batch in batches:
-            paths = getattr(batch, "image_path", None)
-            if paths is None or any(path is None for path in paths):
-                self.reason = "the training batches carry no image paths to key the cache by"
-                self._log_refusal()
-                return
-            images = batch.image.to(device, non_blocking=True)
-            if pre_process is not None:
-                images = pre_process(images)
-            features = compute(images)
-            if store is None:
-                store = self._open(trainer, features, count, device)
-                if store is None:
+            for index, (paths, images) in enumerate(_batches(trainer.train_dataloader, pre_process, device)):
+                features = compute(images)
+                if index == 0 and not self._open(paths, features, device):
                     return
-            store.put(start, paths, images, features)
-            start += len(paths)
-        if store is None:
-            return
-        if store.pin_memory:
-            torch.cuda.synchronize(device)  # the host reads the pinned rows: the copies into them must be done
-        self.store = store
-        self.stored = len(store)
-        logger.info(
-            "AAND stage 2 trains from cached teacher features: %d images, %.3g GB in %s, %s.",
-            count,
-            store.nbytes / 1e9,
-            str(store.dtype).removeprefix("torch."),
-            self.placement,
-        )
+                self._store(paths, images, features)
+        self._log_opened()
 
-    def _open(
-        self, trainer: "Trainer", features: Sequence[torch.Tensor], count: int, device: torch.device
-    ) -> FeatureStore | None:
+    def __call__(
+        self,
+        images: torch.Tensor,
+        paths: Sequence[str] | None,
+        compute: Callable[[torch.Tensor], list[torch.Tensor]],
+    ) -> list[torch.Tensor]:
+        """The batch's targets: cached when the cache holds them, else ``compute(images)`` (no gradients), stored.
+
+        In a single process the first stage-2 batch opens the cache and each new image's features are stored.
+        """
+        if self.store is not None and paths is not None:
+            try:
+                cached = self.store.get(paths, images)
+            except StaleCacheError as error:
+                logger.warning("%s Stage 2 continues without the feature cache.", error)
+                self.store = None
+                self.reason = str(error)
+            else:
+                if cached is not None:
+                    self.hits += 1
+                    return cached
+        with torch.no_grad():
+            features = compute(images)
+        if not self._decided:
+            self._decided = True
+            if self.reason is None:
+                with torch.autocast(images.device.type, enabled=False):
+                    opened = self._open(paths, [f.float() for f in features], images.device)
+                if opened:
+                    self._log_opened()
+            else:
+                self._log_refusal()
+        if self.store is not None and paths is not None and not self._distributed:
+            self._store(paths, images, features)
+        return features
+
+    def _store(self, paths: Sequence[str], images: torch.Tensor, features: Sequence[torch.Tensor]) -> None:
+        """Put a batch of images the store does not hold yet into its next rows."""
+        if self.store is None or any(path in self.store.positions for path in paths):
+            return
+        if len(self.store) + len(paths) <= self._count:
+            self.store.put(len(self.store), paths, images, features)
+            self.stored = len(self.store)
+
+    def _open(self, paths: Sequence[str] | None, features: Sequence[torch.Tensor], device: torch.device) -> bool:
         """After the first batch: storage dtype (agreed by all processes), then where the store goes, if anywhere."""
+        if paths is None or any(path is None for path in paths):
+            self.reason = "the training batches carry no image paths to key the cache by"
+            self._log_refusal()
+            return False
         half = self._half_precision_keeps_loss(features)
-        dtype = torch.float16 if trainer.strategy.reduce_boolean_decision(half, all=True) else torch.float32
-        needed = count * FeatureStore.bytes_per_image(features, dtype)
+        agreed = self._strategy.reduce_boolean_decision(half, all=True) if self._strategy is not None else half
+        dtype = torch.float16 if agreed else torch.float32
+        needed = self._count * FeatureStore.bytes_per_image(features, dtype)
         shapes = [f.shape[1:] for f in features]
         spare = self._spare_device_memory(features, device)
         if spare is not None and needed <= spare:
             self.placement = f"on {device}"
             self.dtype = dtype
-            return FeatureStore(shapes, count, dtype, device, device)
+            self.store = FeatureStore(shapes, self._count, dtype, device, device)
+            return True
         budget_gb = self.budget_gb / self._processes  # each process on this machine holds its own copy
         if needed <= budget_gb * 1e9:
             pinned = device.type == "cuda"
             self.placement = "in pinned host memory" if pinned else "in host memory"
             self.dtype = dtype
-            return FeatureStore(shapes, count, dtype, device, torch.device("cpu"), pin_memory=pinned)
+            self.store = FeatureStore(shapes, self._count, dtype, device, torch.device("cpu"), pin_memory=pinned)
+            return True
         share = f" / {self._processes} processes on this machine" if self._processes > 1 else ""
         gpu = f" and more than the {spare / 1e9:.3g} GB the GPU can spare" if spare is not None else ""
         self.reason = (
-            f"it would take {needed / 1e9:.3g} GB for {count} images, over cache_budget_gb={self.budget_gb}"
+            f"it would take {needed / 1e9:.3g} GB for {self._count} images, over cache_budget_gb={self.budget_gb}"
             f"{share}{gpu}; raise the budget to use it"
         )
         self._log_refusal()
-        return None
+        return False
+
+    def _log_opened(self) -> None:
+        if self.store is None:
+            return
+        logger.info(
+            "AAND stage 2 trains from cached teacher features: %d images, %.3g GB in %s, %s.",
+            self._count,
+            self.store.nbytes / 1e9,
+            str(self.store.dtype).removeprefix("torch."),
+            self.placement,
+        )
 
     def _log_refusal(self) -> None:
         log = logger.warning if self.requested else logger.info
@@ -352,8 +392,9 @@ class Stage2FeatureCache:
         """Whether float16 fits the features and moves the first batch's loss by at most ``half_precision_rtol``."""
         if self._probe is None or any(f.abs().amax() >= torch.finfo(torch.float16).max for f in features):
             return False
-        full = float(self._probe(features))
-        half = float(self._probe([f.half().float() for f in features]))
+        with torch.no_grad():
+            full = float(self._probe(features))
+            half = float(self._probe([f.half().float() for f in features]))
         return abs(half - full) <= self.half_precision_rtol * abs(full)
 
     def _spare_device_memory(self, features: Sequence[torch.Tensor], device: torch.device) -> int | None:
@@ -375,26 +416,14 @@ class Stage2FeatureCache:
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # held by this process
         return max(0, int(DEVICE_MEMORY_SHARE * (free - 2 * activations - 3 * parameters)))
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        paths: Sequence[str] | None,
-        compute: Callable[[torch.Tensor], list[torch.Tensor]],
-    ) -> list[torch.Tensor]:
-        """The batch's targets: cached when the cache holds them, else ``compute(images)`` (no gradients)."""
-        if self.store is not None and paths is not None:
-            try:
-                cached = self.store.get(paths, images)
-            except StaleCacheError as error:
-                logger.warning("%s Stage 2 continues without the feature cache.", error)
-                self.store = None
-                self.reason = str(error)
-            else:
-                if cached is not None:
-                    self.hits += 1
-                    return cached
-        with torch.no_grad():
-            return compute(images)
+
+def _batches(
+    loader: DataLoader, pre_process: Callable[[torch.Tensor], torch.Tensor] | None, device: torch.device
+) -> Iterator[tuple[Sequence[str] | None, torch.Tensor]]:
+    """``(paths, images)`` of the training loader's dataset once, in order, pre-processed on ``device``."""
+    for batch in _in_order(loader):
+        images = batch.image.to(device, non_blocking=True)
+        yield getattr(batch, "image_path", None), images if pre_process is None else pre_process(images)
 
 
 def _in_order(loader: DataLoader) -> DataLoader:
