@@ -271,7 +271,7 @@ class Aand(AnomalibModule):
             self.model.raa.requires_grad_(self.stage == 1)
         if self.current_epoch in {0, self.stage1_epochs}:
             logger.info("AAND stage %d starts at epoch %d.", self.stage, self.current_epoch)
-        if self.stage == 2:
+        if self.stage == 2 and self.model.tiler is None:  # tiled steps compute their targets per tile
             transform = getattr(self.pre_processor, "transform", None)
             self.feature_cache.fill(self.trainer, transform, self.model.amplified_features, self.device)
 

@@ -61,6 +61,16 @@ def test_foreground_estimator_finds_object_and_falls_back_on_textures() -> None:
     assert torch.equal(flat, torch.ones_like(flat))
 
 
+def test_foreground_estimator_on_images_smaller_than_its_blur() -> None:
+    """A 32 px image is smaller than the sigma-8 kernel's reach: its object is still found."""
+    image = torch.full((2, 3, 32, 32), 0.1)
+    image[..., 8:24, 8:24] = 0.9
+    mask = ForegroundEstimator()(image)
+    assert mask.shape == (2, 1, 32, 32)
+    assert mask[0, 0, 16, 16] == 1
+    assert mask[0, 0, 0, 0] == 0
+
+
 def test_foreground_masking_keeps_anomalies_on_the_object() -> None:
     torch.manual_seed(1)
     pixels = torch.full((4, 3, 96, 96), 0.1)

@@ -102,9 +102,13 @@ class ForegroundEstimator(nn.Module):
         self.min_contrast = min_contrast
 
     def blur(self, grey: torch.Tensor) -> torch.Tensor:
-        """Gaussian blur of ``(B, 1, H, W)`` as two 1-D passes with reflected borders (anomalib's 2-D blur, faster)."""
+        """Gaussian blur of ``(B, 1, H, W)`` as two 1-D passes with reflected borders (anomalib's 2-D blur, faster).
+
+        Images no larger than the kernel's radius cannot be reflected that far: their borders are replicated.
+        """
         radius = self.kernel.shape[-1] // 2
-        padded = F.pad(grey, (radius, radius, radius, radius), mode="reflect")
+        mode = "reflect" if radius < min(grey.shape[-2:]) else "replicate"
+        padded = F.pad(grey, (radius, radius, radius, radius), mode=mode)
         return F.conv2d(F.conv2d(padded, self.kernel), self.kernel.transpose(-1, -2))
 
     @torch.no_grad()
