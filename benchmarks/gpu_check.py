@@ -348,7 +348,7 @@ def step_probes(settings: Settings) -> dict[str, Any]:
         torch.rand(settings.bench_batch, 3, settings.size, settings.size, device=device)
     )
     paths = [str(i) for i in range(len(images))]
-    synthesizer = AnomalySynthesizer.for_pre_processor(model.pre_processor).to(device)
+    synthesizer = AnomalySynthesizer.for_pre_processor(model.pre_processor, **model.synthesizer_arguments).to(device)
     stage1 = torch.optim.Adam(net.raa.parameters(), 1e-4)
     stage2 = torch.optim.Adam([*net.bottleneck.parameters(), *net.decoder.parameters()], 1e-4)
     with torch.no_grad():
@@ -478,7 +478,7 @@ def step_wrn50(settings: Settings) -> dict[str, Any]:
     device = settings.device
     model = _model(settings, settings.bench_backbone)
     net = model.model.train()
-    synthesizer = AnomalySynthesizer.for_pre_processor(model.pre_processor).to(device)
+    synthesizer = AnomalySynthesizer.for_pre_processor(model.pre_processor, **model.synthesizer_arguments).to(device)
     images = model.pre_processor.transform(
         torch.rand(settings.bench_batch, 3, settings.size, settings.size, device=device)
     )
