@@ -495,7 +495,7 @@ def step_wrn50(settings: Settings) -> dict[str, Any]:
     _sync(device)  # the pinned store's rows are read by the host
     del features
     result: dict[str, Any] = {"backbone": settings.bench_backbone, "batch": len(images), "size": settings.size}
-    for precision in _precisions(settings):
+    for precision in ["fp32"] if settings.cpu else _precisions(settings):  # CPU: times say nothing
         result[precision] = _precision_row(settings, precision, model, synthesizer, images, stores)
     if device.type == "cuda":
         for benchmark in (False, True):
