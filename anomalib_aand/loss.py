@@ -42,12 +42,24 @@ def _positions(features: torch.Tensor) -> torch.Tensor:
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
-def _sample(candidates: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``limit`` positions drawn uniformly among the ``True`` entries of ``candidates``, on the device.
+def sample_positions(
+    candidates: torch.Tensor, limit: int, *, read_device: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Up to ``limit`` positions drawn uniformly among the ``True`` entries of ``candidates``, and which are valid.
 
-    Returns ``min(limit, candidates.numel())`` indices and whether each is a candidate: the ``True`` entries get random
-    keys in [0, 1), the others 2, and the smallest keys win, so every candidate is taken before any non-candidate.
+    On an accelerator without reading the device: the ``True`` entries get random keys in [0, 1), the others 2, and
+    the ``min(limit, candidates.numel())`` smallest keys win, so every candidate is taken before any non-candidate,
+    and the second value says which drawn positions are candidates. On the CPU, where reading costs nothing, only
+    candidates are drawn (second value ``None``), so that the loss's matrix is no larger than needed.
+    ``read_device`` chooses the way (default: read on the CPU only).
     """
+    if read_device is None:
+        read_device = candidates.device.type == "cpu"
+    if read_device:
+        index = torch.nonzero(candidates).squeeze(1)
+        if index.numel() > limit:
+            index = index[torch.randperm(index.numel())[:limit]]
+        return index, None
     keys = torch.rand(candidates.shape, device=candidates.device).masked_fill_(~candidates, 2.0)
     index = keys.topk(min(limit, candidates.numel()), largest=False, sorted=False).indices
     return index, candidates[index]
@@ -72,16 +84,18 @@ def amplification_loss(
     normal = ~anomalous
     if foreground is not None:
         normal &= foreground.flatten() > 0.5
-    anomalous_idx, anomalous_valid = _sample(anomalous, max_anomalous)
-    normal_idx, normal_valid = _sample(normal, max_normal)
+    anomalous_idx, anomalous_valid = sample_positions(anomalous, max_anomalous)
+    normal_idx, normal_valid = sample_positions(normal, max_normal)
     plain = _positions(features)
     boosted = _positions(amplified)
     reference = F.normalize(plain[normal_idx], dim=1)
     # cos(F_n, F^A_a) - cos(F_n, F_a) as one product: a single (normal x anomalous) matrix, not three
     shift = F.normalize(boosted[anomalous_idx], dim=1) - F.normalize(plain[anomalous_idx], dim=1)
+    terms = (reference @ shift.t()).add_(margin).relu_()
+    if normal_valid is None or anomalous_valid is None:  # CPU: every drawn position is valid
+        return terms.mean(dtype=torch.float32) if terms.numel() else amplified.sum() * 0.0
     pairs = normal_valid[:, None] & anomalous_valid[None, :]
-    terms = (reference @ shift.t()).add_(margin).relu_() * pairs
-    return terms.sum(dtype=torch.float32) / pairs.sum().clamp_min(1)
+    return (terms * pairs).sum(dtype=torch.float32) / pairs.sum().clamp_min(1)
 
 
 def cosine_loss(targets: Sequence[torch.Tensor], students: Sequence[torch.Tensor]) -> torch.Tensor:

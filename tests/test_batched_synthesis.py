@@ -5,7 +5,7 @@ import torch
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 
 from anomalib_aand.components.synthesis import drop_synthesizer_state, otsu_thresholds, perlin_noise, rotate
-from anomalib_aand.loss import amplification_loss
+from anomalib_aand.loss import sample_positions
 
 
 def _otsu_with_histc(values: torch.Tensor, bins: int = 64) -> torch.Tensor:
@@ -58,19 +58,24 @@ def test_perlin_noise_any_size_and_stretched_when_flat() -> None:
     assert float(noise.abs().max()) <= 1.5
 
 
-def test_amplification_loss_does_not_use_nonzero(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sampling_without_reading_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accelerator way draws without ``torch.nonzero``, every candidate before any other position."""
+    candidates = torch.rand(500) > 0.7
+    expected = set(sample_positions(candidates, 1000, read_device=True)[0].tolist())
+
     def nonzero(*_, **__):
         msg = "torch.nonzero reads the device"
         raise RuntimeError(msg)
 
-    features = torch.randn(2, 8, 6, 6)
-    amplified = features + 0.1
-    mask = (torch.rand(2, 1, 6, 6) > 0.7).float()
-    expected = amplification_loss(features, amplified, mask, None, margin=0.3)
     monkeypatch.setattr(torch, "nonzero", nonzero)
     monkeypatch.setattr(torch.Tensor, "nonzero", nonzero)
-    loss = amplification_loss(features, amplified, mask, None, margin=0.3)
-    torch.testing.assert_close(loss, expected)  # every position fits the limits: the same pairs
+    index, valid = sample_positions(candidates, 1000, read_device=False)
+    assert len(index) == 500
+    assert set(index[valid].tolist()) == expected  # limit above the count: every candidate, flagged valid
+    index, valid = sample_positions(candidates, 50, read_device=False)
+    assert bool(valid.all())
+    assert bool(candidates[index].all())
+    assert len(set(index.tolist())) == 50
 
 
 def test_checkpoint_entries_of_the_synthesizer_are_dropped() -> None:
