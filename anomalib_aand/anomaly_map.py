@@ -8,6 +8,8 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.models.components.filters import GaussianBlur2d
 from torch import nn
 
+from .components.calibration import CalibrationMode, MapCalibration
+
 
 def without_autocast(device_type: str) -> AbstractContextManager:
     """Autocast switched off where it is on (steps under mixed precision); otherwise nothing, so exports stay plain."""
@@ -17,17 +19,32 @@ def without_autocast(device_type: str) -> AbstractContextManager:
 
 
 class AnomalyMapGenerator(nn.Module):
-    """Sum over scales of ``1 - cos``, bilinearly upsampled to the image, Gaussian-blurred (sigma 4).
+    """Sum over scales of ``1 - cos`` (calibrated, see ``MapCalibration``), upsampled to the image, blurred (sigma 4).
 
     Computed in the module's own precision (float32 unless the model was converted), also under mixed precision,
     so that the thresholds and normalisation statistics that validation stores (and an export carries) come from
     full-precision maps.
+
+    Args:
+        sigma: Standard deviation of the Gaussian blur.
+        calibration: ``MapCalibration`` mode.
+        num_scales: Scales of the model (for the calibration's statistics).
     """
 
-    def __init__(self, sigma: float = 4.0) -> None:
+    def __init__(self, sigma: float = 4.0, calibration: CalibrationMode = "none", num_scales: int = 3) -> None:
         super().__init__()
         kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
         self.blur = GaussianBlur2d(sigma=sigma, channels=1, kernel_size=kernel_size)
+        self.calibration = MapCalibration(calibration, num_scales)
+
+    def distances(self, targets: Sequence[torch.Tensor], students: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each scale's ``(B, 1, h, w)`` map of ``1 - cos`` between target and student features, in the module's dtype."""
+        dtype = self.blur.kernel.dtype
+        with without_autocast(targets[0].device.type):
+            return [
+                1 - F.cosine_similarity(target.to(dtype), student.to(dtype), dim=1).unsqueeze(1)
+                for target, student in zip(targets, students, strict=True)
+            ]
 
     def forward(
         self,
@@ -36,11 +53,9 @@ class AnomalyMapGenerator(nn.Module):
         image_size: tuple[int, int] | torch.Size,
     ) -> torch.Tensor:
         """Return the ``(B, 1, H, W)`` anomaly map in the module's dtype."""
-        anomaly_map = None
-        dtype = self.blur.kernel.dtype
         with without_autocast(targets[0].device.type):
-            for target, student in zip(targets, students, strict=True):
-                distance = 1 - F.cosine_similarity(target.to(dtype), student.to(dtype), dim=1).unsqueeze(1)
-                distance = F.interpolate(distance, size=tuple(image_size), mode="bilinear", align_corners=True)
-                anomaly_map = distance if anomaly_map is None else anomaly_map + distance
-            return self.blur(anomaly_map)
+            upsampled = [
+                F.interpolate(distance, size=tuple(image_size), mode="bilinear", align_corners=True)
+                for distance in self.calibration(self.distances(targets, students))
+            ]
+            return self.blur(torch.stack(upsampled).sum(dim=0))

@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torchmetrics import Metric
 
+from .components.calibration import calibrate
 from .components.checkpoints import (
     check_checkpoint,
     check_checkpoint_file,
@@ -94,6 +95,10 @@ class Aand(AnomalibModule):
         normalization: Mean/std of the default pre-processor: ``"imagenet"`` (anomalib's default) or
             ``"teacher"`` (those the teacher's weights were trained with, timm's ``pretrained_cfg``).
             A given pre-processor is used as it is.
+        map_calibration: Score each scale's distance against its level on the normal training images, measured
+            after the last epoch: ``"scale"`` (one mean and spread per scale), ``"position"`` (a mean per position,
+            for aligned objects), ``"envelope"`` (only what exceeds the largest normal distance at the position), or
+            ``"none"`` (the paper's plain sum). See ``components/calibration.py``.
         pre_processor: anomalib pre-processor, or ``True`` for Resize(256) + Normalize (see ``normalization``).
         post_processor: anomalib post-processor, or ``True`` for the default.
         evaluator: anomalib evaluator, or ``True`` for image/pixel AUROC, F1 and AUPRO.
@@ -123,6 +128,7 @@ class Aand(AnomalibModule):
         cache_features: bool = True,
         cache_budget_gb: float = 4.0,
         normalization: Literal["imagenet", "teacher"] = "imagenet",
+        map_calibration: Literal["none", "scale", "position", "envelope"] = "none",
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -148,7 +154,14 @@ class Aand(AnomalibModule):
         )
         self.distillation_loss = DistillationLoss(distillation_loss, hkd_top_k)
         self.loss_guard = NonFiniteLossGuard()
-        self.model = AandModel(backbone, layers, num_keys, gate_temperature, amplification=stage1_epochs > 0)
+        self.model = AandModel(
+            backbone,
+            layers,
+            num_keys,
+            gate_temperature,
+            amplification=stage1_epochs > 0,
+            map_calibration=map_calibration,
+        )
         self.register_buffer("teacher_initialised", torch.tensor(data=False))
         self.synthesizer_arguments = {
             "probability": anomaly_probability,
@@ -292,8 +305,20 @@ class Aand(AnomalibModule):
         check_pixel_depth(loader_image_paths(self.trainer.predict_dataloaders), "images to predict")
 
     def on_validation_start(self) -> None:
-        """All processes validate rank 0's model (the one the checkpoint holds)."""
+        """All processes validate rank 0's model (the one the checkpoint holds), its map calibrated after fitting."""
         broadcast_buffers_from_rank_zero(self.model, self.trainer)
+        if self.trainer.state.fn == TrainerFn.FITTING and self.current_epoch == self.trainer.max_epochs - 1:
+            self.calibrate_map()
+
+    def calibrate_map(self) -> None:
+        """Measure the map calibration (``map_calibration``) on the training images, each process on its share."""
+        batches = (self.pre_processor.transform(batch.image.to(self.device)) for batch in self.trainer.train_dataloader)
+        calibrate(
+            self.model.anomaly_map_generator.calibration,
+            self.model.distances,
+            batches,
+            reduce=lambda tensor, op: self.trainer.strategy.reduce(tensor, reduce_op=op),
+        )
 
     def configure_callbacks(self) -> Any:  # noqa: ANN401  (Lightning's own return type)
         """The callbacks of anomalib, after refusing a missing dataset folder (this runs before any download)."""

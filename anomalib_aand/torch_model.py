@@ -13,6 +13,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator
+from .components.calibration import CalibrationMode
 from .components.errors import AandInputError
 from .components.raa import ResidualAnomalyAmplification
 from .components.student import build_student
@@ -33,6 +34,7 @@ class AandModel(nn.Module):
         gate_temperature: Softmax temperature of the key matching.
         amplification: Build the RAA modules. Without them the student distils the plain teacher
             features (the paper's "no amplification" ablation, ``stage1_epochs=0``).
+        map_calibration: ``MapCalibration`` mode of the anomaly map (``"none"``: the paper's plain sum).
 
     ``tiler`` (set by anomalib's ``TilerConfigurationCallback``, as for its ReverseDistillation) makes the forward
     run the network on tiles of each image and join their features before the anomaly map is computed.
@@ -45,6 +47,7 @@ class AandModel(nn.Module):
         num_keys: int,
         gate_temperature: float,
         amplification: bool = True,
+        map_calibration: CalibrationMode = "none",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -58,7 +61,9 @@ class AandModel(nn.Module):
             else None
         )
         self.bottleneck, self.decoder = build_student(backbone, layers, self.channels, self.reductions)
-        self.anomaly_map_generator = AnomalyMapGenerator(sigma=4.0)
+        self.anomaly_map_generator = AnomalyMapGenerator(
+            sigma=4.0, calibration=map_calibration, num_scales=len(self.channels)
+        )
         self.tiler: Tiler | None = None
 
     @property
@@ -135,16 +140,22 @@ class AandModel(nn.Module):
         """Student reconstruction of every scale."""
         return self.decoder(self.bottleneck(list(amplified)))
 
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
-        """Training: ``(amplified, student)`` features. Eval: ``InferenceBatch`` with score and map.
-
-        With a tiler, both feature lists are computed per tile and joined again (``Tiler.untile``).
-        """
+    def teacher_and_student(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(amplified, student)`` features; with a tiler, computed per tile and joined again (``Tiler.untile``)."""
         amplified = self.amplified_features(self.tile(images))
         student = self.distill(amplified)
         if self.tiler is not None:
             amplified = [self.tiler.untile(features) for features in amplified]
             student = [self.tiler.untile(features) for features in student]
+        return amplified, student
+
+    def distances(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Each scale's plain ``1 - cos`` map between the amplified features and the student's (no calibration)."""
+        return self.anomaly_map_generator.distances(*self.teacher_and_student(images))
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
+        """Training: ``(amplified, student)`` features. Eval: ``InferenceBatch`` with score and map."""
+        amplified, student = self.teacher_and_student(images)
         if self.training:
             return amplified, student
         anomaly_map = self.anomaly_map_generator(amplified, student, images.shape[-2:])

@@ -1,0 +1,107 @@
+"""Map calibration (``map_calibration``): statistics of normal training images, stored as buffers, exported."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.deploy import ExportType
+from anomalib.engine import Engine
+from conftest import tiny_aand
+
+from anomalib_aand.components.calibration import MapCalibration, calibrate
+
+
+def _distances(generator: torch.Generator, batch: int = 4) -> list[torch.Tensor]:
+    return [torch.rand(batch, 1, 8, 8, generator=generator) * (s + 1) + s for s in range(3)]
+
+
+@pytest.mark.parametrize("mode", ["scale", "position"])
+def test_statistics_are_the_mean_and_spread_of_the_normal_maps(mode: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    batches = [_distances(generator) for _ in range(3)]
+    calibration = MapCalibration(mode, num_scales=3)
+    calibrate(calibration, lambda d: d, batches)
+    for scale, (offset, spread) in enumerate(calibration.statistics()):
+        values = torch.cat([b[scale] for b in batches]).numpy()
+        expected = values.mean(axis=0, keepdims=True) if mode == "position" else values.mean().reshape(1, 1, 1, 1)
+        np.testing.assert_allclose(offset.numpy(), expected, rtol=1e-5)
+        np.testing.assert_allclose(float(spread), values.std(), rtol=1e-4)
+    calibrated = calibration(batches[0])
+    torch.testing.assert_close(calibrated[1], (batches[0][1] - calibration.offset1) / calibration.spread1)
+
+
+def test_calibrated_normal_maps_are_centred_and_scaled() -> None:
+    """After calibration every scale's normal map has mean 0 and spread 1: no scale dominates the sum."""
+    generator = torch.Generator().manual_seed(1)
+    batches = [_distances(generator, 8) for _ in range(4)]
+    calibration = MapCalibration("scale", num_scales=3)
+    calibrate(calibration, lambda d: d, batches)
+    for scale in range(3):
+        values = torch.cat([calibration(b)[scale] for b in batches])
+        assert abs(float(values.mean())) < 1e-5
+        assert float(values.std(unbiased=False)) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_position_means_travel_in_the_state_dict_and_fit_other_sizes() -> None:
+    generator = torch.Generator().manual_seed(2)
+    trained = MapCalibration("position", num_scales=3)
+    calibrate(trained, lambda d: d, [_distances(generator)])
+    fresh = MapCalibration("position", num_scales=3)
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.offset0.shape == (1, 1, 8, 8)
+    torch.testing.assert_close(fresh.offset2, trained.offset2)
+    other = [torch.ones(2, 1, 16, 16) for _ in range(3)]
+    assert [d.shape for d in fresh(other)] == [(2, 1, 16, 16)] * 3
+
+
+def test_a_state_dict_without_statistics_scores_the_plain_distances() -> None:
+    """A checkpoint written without calibration loads and keeps the identity."""
+    calibration = MapCalibration("position", num_scales=3)
+    calibration.load_state_dict({}, strict=True)
+    maps = _distances(torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(calibration(maps), maps, strict=True))
+    assert MapCalibration("none", num_scales=3).state_dict() == {}
+
+
+@pytest.mark.slow
+def test_training_measures_calibration_on_training_images_and_export_keeps_it(mvtec_root: Path, tmp_path: Path) -> None:
+    """Fit measures the statistics on the training split only; the ONNX graph carries them (parity <= 1e-3)."""
+    import onnxruntime
+
+    model = tiny_aand(map_calibration="envelope")
+    datamodule = MVTecAD(root=mvtec_root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu", devices=1)
+    engine.fit(model, datamodule=datamodule)
+    calibration = model.model.anomaly_map_generator.calibration
+    assert calibration.offset0.shape == (1, 1, 8, 8)  # 32 px image, stride 4
+    measured = [s.clone() for pair in calibration.statistics() for s in pair]
+    datamodule.setup()
+    model.eval()
+    images = [model.pre_processor.transform(batch.image) for batch in datamodule.train_dataloader()]
+    calibrate(calibration, model.model.distances, images)  # again, by hand, on the training images only
+    for before, after in zip(measured, [s for pair in calibration.statistics() for s in pair], strict=True):
+        torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-6)
+    onnx_path = engine.export(model, ExportType.ONNX, export_root=tmp_path / "export")
+    session = onnxruntime.InferenceSession(str(onnx_path))
+    batch = torch.rand(2, 3, 48, 40)
+    with torch.no_grad():
+        ours = model(batch)
+    theirs = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
+    outputs = dict(zip([o.name for o in session.get_outputs()], theirs, strict=True))
+    np.testing.assert_allclose(outputs["pred_score"].reshape(-1), ours.pred_score.reshape(-1).numpy(), atol=1e-3)
+    np.testing.assert_allclose(outputs["anomaly_map"], ours.anomaly_map.numpy(), atol=1e-3)
+
+
+def test_envelope_counts_only_what_exceeds_every_normal_image_at_its_position() -> None:
+    generator = torch.Generator().manual_seed(4)
+    batches = [_distances(generator) for _ in range(2)]
+    calibration = MapCalibration("envelope", num_scales=3)
+    calibrate(calibration, lambda d: d, batches)
+    largest = torch.cat([b[0] for b in batches]).amax(dim=0, keepdim=True)
+    torch.testing.assert_close(calibration.offset0, largest)
+    assert all(float(d.amax()) == 0.0 for b in batches for d in calibration(b))  # no normal image exceeds it
+    defect = [d.clone() for d in batches[0]]
+    defect[0][0, 0, 3, 3] = largest[0, 0, 3, 3] + 0.5
+    assert float(calibration(defect)[0][0, 0, 3, 3]) == pytest.approx(0.5)
