@@ -1,7 +1,8 @@
 """CPU latency of AAND and of the plain reverse-distillation student: torch eager, OpenVINO FP32, FP16, INT8.
 
-For each teacher (EfficientNet-Lite0, ResNet-18) two models are built on the same teacher: AAND (RAA
-modules + student) and ``Aand(stage1_epochs=0)``, which has no RAA modules (the plain RD4AD student).
+For each teacher (default EfficientNet-Lite0 and ResNet-18; also Lite1 and Lite2) two models are built on the
+same teacher: AAND (RAA modules + student) and ``Aand(stage1_epochs=0)``, which has no RAA modules (the plain
+RD4AD student).
 Each is timed as anomalib exports it (pre-process -> model -> post-process) on raw 256 px images at
 batch 1 and 8: median milliseconds per image over ``--repeats`` runs after ``--warmup`` runs.
 OpenVINO FP32 and FP16 (weights stored in FP16, ``compress_to_fp16``) run with ``INFERENCE_PRECISION_HINT=f32``;
@@ -36,11 +37,15 @@ from common import calibration_data, demo_category, load_average, provenance, pr
 from torch.utils.flop_counter import FlopCounterMode
 
 from anomalib_aand import Aand
+from anomalib_aand.components.calibration import calibrate
 
 TEACHERS = {
     "tf_efficientnet_lite0": ("blocks.1", "blocks.2", "blocks.4"),
+    "tf_efficientnet_lite1": ("blocks.1", "blocks.2", "blocks.4"),
+    "tf_efficientnet_lite2": ("blocks.1", "blocks.2", "blocks.4"),
     "resnet18": ("layer1", "layer2", "layer3"),
 }
+DEFAULT_TEACHERS = ("tf_efficientnet_lite0", "resnet18")
 SIZE = 256
 BATCHES = (1, 8)
 RUNTIMES = ("torch eager", "OpenVINO FP32", "OpenVINO FP16", "OpenVINO INT8")
@@ -135,8 +140,15 @@ def measure(
     import openvino as ov
 
     model = Aand(
-        backbone=backbone, layers=TEACHERS[backbone], pre_trained=False, stage1_epochs=1 if amplification else 0
+        backbone=backbone,
+        layers=TEACHERS[backbone],
+        pre_trained=False,
+        stage1_epochs=1 if amplification else 0,
+        map_calibration=args.map_calibration,
     ).eval()
+    with torch.inference_mode():  # the calibration's statistics at their trained shape (values do not matter)
+        images = [torch.rand(2, 3, SIZE, SIZE) for _ in range(2)]
+        calibrate(model.model.anomaly_map_generator.calibration, model.model.distances, images)
     # An untrained model's normalisation statistics are NaN, which INT8 compilation rejects: set finite ones.
     for name, value in (
         ("_image_threshold", 0.5),
@@ -147,7 +159,10 @@ def measure(
         ("pixel_max", 1.0),
     ):
         getattr(model.post_processor, name).fill_(value)
-    row: dict[str, object] = {"teacher": backbone, "model": "AAND" if amplification else "RD student"}
+    name = "AAND" if amplification else "RD student"
+    if args.map_calibration != "none":
+        name += f" ({args.map_calibration})"
+    row: dict[str, object] = {"teacher": backbone, "model": name}
     row["params_M"] = sum(p.numel() for p in model.model.parameters()) / 1e6
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model.model(torch.zeros(1, 3, SIZE, SIZE))
@@ -286,7 +301,13 @@ def main(argv: list[str] | None = None) -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/latency"))
-    parser.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
+    parser.add_argument("--teachers", nargs="+", default=list(DEFAULT_TEACHERS), choices=list(TEACHERS))
+    parser.add_argument(
+        "--map-calibration",
+        default="none",
+        choices=["none", "scale", "position", "envelope"],
+        help="the models' map_calibration (Aand argument)",
+    )
     parser.add_argument(
         "--calibration",
         type=Path,
