@@ -8,7 +8,7 @@ import torch.nn.functional as F  # noqa: N812
 from anomalib.models.components.filters import GaussianBlur2d
 from torch import nn
 
-from .components.calibration import CalibrationMode, MapCalibration
+from .components.calibration import MapCalibration
 
 
 def without_autocast(device_type: str) -> AbstractContextManager:
@@ -27,11 +27,11 @@ class AnomalyMapGenerator(nn.Module):
 
     Args:
         sigma: Standard deviation of the Gaussian blur.
-        calibration: ``MapCalibration`` mode.
+        calibration: Hold a ``MapCalibration``'s statistics.
         num_scales: Scales of the model (for the calibration's statistics).
     """
 
-    def __init__(self, sigma: float = 4.0, calibration: CalibrationMode = "none", num_scales: int = 3) -> None:
+    def __init__(self, sigma: float = 4.0, calibration: bool = False, num_scales: int = 3) -> None:
         super().__init__()
         kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
         self.blur = GaussianBlur2d(sigma=sigma, channels=1, kernel_size=kernel_size)

@@ -27,7 +27,12 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torchmetrics import Metric
 
-from .components.calibration import calibrate
+from .components.calibration import (
+    CalibrationMode,
+    calibration_enabled,
+    check_map_calibration,
+    resolve_map_calibration,
+)
 from .components.checkpoints import (
     check_checkpoint,
     check_checkpoint_file,
@@ -98,7 +103,8 @@ class Aand(AnomalibModule):
         map_calibration: Score each scale's distance against its level on the normal training images, measured
             after the last epoch: ``"scale"`` (one mean and spread per scale), ``"position"`` (a mean per position,
             for aligned objects), ``"envelope"`` (only what exceeds the largest normal distance at the position), or
-            ``"none"`` (the paper's plain sum). See ``components/calibration.py``.
+            ``"none"`` (the paper's plain sum); or a mapping of categories (and ``"default"``) to those, which the
+            datamodule's ``category`` decides. See ``components/calibration.py``.
         pre_processor: anomalib pre-processor, or ``True`` for Resize(256) + Normalize (see ``normalization``).
         post_processor: anomalib post-processor, or ``True`` for the default.
         evaluator: anomalib evaluator, or ``True`` for image/pixel AUROC, F1 and AUPRO.
@@ -128,7 +134,7 @@ class Aand(AnomalibModule):
         cache_features: bool = True,
         cache_budget_gb: float = 4.0,
         normalization: Literal["imagenet", "teacher"] = "imagenet",
-        map_calibration: Literal["none", "scale", "position", "envelope"] = "none",
+        map_calibration: CalibrationMode | dict[str, CalibrationMode] = "none",
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -143,6 +149,7 @@ class Aand(AnomalibModule):
             visualizer=visualizer,
         )
         check_hyperparameters(self.hparams, paper_defaults(Aand))
+        check_map_calibration(map_calibration)
         self.automatic_optimization = False
         self.stage1_epochs = stage1_epochs
         self.stage2_epochs = stage2_epochs
@@ -160,8 +167,9 @@ class Aand(AnomalibModule):
             num_keys,
             gate_temperature,
             amplification=stage1_epochs > 0,
-            map_calibration=map_calibration,
+            map_calibration=calibration_enabled(map_calibration),
         )
+        self.map_calibration = map_calibration
         self.register_buffer("teacher_initialised", torch.tensor(data=False))
         self.synthesizer_arguments = {
             "probability": anomaly_probability,
@@ -312,11 +320,13 @@ class Aand(AnomalibModule):
 
     def calibrate_map(self) -> None:
         """Measure the map calibration (``map_calibration``) on the training images, each process on its share."""
-        batches = (self.pre_processor.transform(batch.image.to(self.device)) for batch in self.trainer.train_dataloader)
-        calibrate(
-            self.model.anomaly_map_generator.calibration,
-            self.model.distances,
-            batches,
+        mode = resolve_map_calibration(self.map_calibration, self.trainer.datamodule)
+        self.model.anomaly_map_generator.calibration.measure(
+            mode,
+            (
+                self.model.distances(self.pre_processor.transform(batch.image.to(self.device)))
+                for batch in self.trainer.train_dataloader
+            ),
             reduce=lambda tensor, op: self.trainer.strategy.reduce(tensor, reduce_op=op),
         )
 

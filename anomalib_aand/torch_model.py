@@ -13,7 +13,6 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator
-from .components.calibration import CalibrationMode
 from .components.errors import AandInputError
 from .components.raa import ResidualAnomalyAmplification
 from .components.student import build_student
@@ -34,7 +33,7 @@ class AandModel(nn.Module):
         gate_temperature: Softmax temperature of the key matching.
         amplification: Build the RAA modules. Without them the student distils the plain teacher
             features (the paper's "no amplification" ablation, ``stage1_epochs=0``).
-        map_calibration: ``MapCalibration`` mode of the anomaly map (``"none"``: the paper's plain sum).
+        map_calibration: Hold a ``MapCalibration`` of the anomaly map (without one: the paper's plain sum).
 
     ``tiler`` (set by anomalib's ``TilerConfigurationCallback``, as for its ReverseDistillation) makes the forward
     run the network on tiles of each image and join their features before the anomaly map is computed.
@@ -47,7 +46,7 @@ class AandModel(nn.Module):
         num_keys: int,
         gate_temperature: float,
         amplification: bool = True,
-        map_calibration: CalibrationMode = "none",
+        map_calibration: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone

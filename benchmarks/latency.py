@@ -37,7 +37,6 @@ from common import calibration_data, demo_category, load_average, provenance, pr
 from torch.utils.flop_counter import FlopCounterMode
 
 from anomalib_aand import Aand
-from anomalib_aand.components.calibration import calibrate
 
 TEACHERS = {
     "tf_efficientnet_lite0": ("blocks.1", "blocks.2", "blocks.4"),
@@ -148,7 +147,8 @@ def measure(
     ).eval()
     with torch.inference_mode():  # the calibration's statistics at their trained shape (values do not matter)
         images = [torch.rand(2, 3, SIZE, SIZE) for _ in range(2)]
-        calibrate(model.model.anomaly_map_generator.calibration, model.model.distances, images)
+        distances = (model.model.distances(i) for i in images)
+        model.model.anomaly_map_generator.calibration.measure(args.map_calibration, distances)
     # An untrained model's normalisation statistics are NaN, which INT8 compilation rejects: set finite ones.
     for name, value in (
         ("_image_threshold", 0.5),

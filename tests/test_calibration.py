@@ -10,7 +10,8 @@ from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from conftest import tiny_aand
 
-from anomalib_aand.components.calibration import MapCalibration, calibrate
+from anomalib_aand.components.calibration import MapCalibration, resolve_map_calibration
+from anomalib_aand.components.errors import AandInputError
 
 
 def _distances(generator: torch.Generator, batch: int = 4) -> list[torch.Tensor]:
@@ -21,9 +22,9 @@ def _distances(generator: torch.Generator, batch: int = 4) -> list[torch.Tensor]
 def test_statistics_are_the_mean_and_spread_of_the_normal_maps(mode: str) -> None:
     generator = torch.Generator().manual_seed(0)
     batches = [_distances(generator) for _ in range(3)]
-    calibration = MapCalibration(mode, num_scales=3)
-    calibrate(calibration, lambda d: d, batches)
-    for scale, (offset, spread) in enumerate(calibration.statistics()):
+    calibration = MapCalibration(enabled=True, num_scales=3)
+    calibration.measure(mode, batches)
+    for scale, (offset, spread, _) in enumerate(calibration.statistics()):
         values = torch.cat([b[scale] for b in batches]).numpy()
         expected = values.mean(axis=0, keepdims=True) if mode == "position" else values.mean().reshape(1, 1, 1, 1)
         np.testing.assert_allclose(offset.numpy(), expected, rtol=1e-5)
@@ -36,8 +37,8 @@ def test_calibrated_normal_maps_are_centred_and_scaled() -> None:
     """After calibration every scale's normal map has mean 0 and spread 1: no scale dominates the sum."""
     generator = torch.Generator().manual_seed(1)
     batches = [_distances(generator, 8) for _ in range(4)]
-    calibration = MapCalibration("scale", num_scales=3)
-    calibrate(calibration, lambda d: d, batches)
+    calibration = MapCalibration(enabled=True, num_scales=3)
+    calibration.measure("scale", batches)
     for scale in range(3):
         values = torch.cat([calibration(b)[scale] for b in batches])
         assert abs(float(values.mean())) < 1e-5
@@ -46,9 +47,9 @@ def test_calibrated_normal_maps_are_centred_and_scaled() -> None:
 
 def test_position_means_travel_in_the_state_dict_and_fit_other_sizes() -> None:
     generator = torch.Generator().manual_seed(2)
-    trained = MapCalibration("position", num_scales=3)
-    calibrate(trained, lambda d: d, [_distances(generator)])
-    fresh = MapCalibration("position", num_scales=3)
+    trained = MapCalibration(enabled=True, num_scales=3)
+    trained.measure("position", [_distances(generator)])
+    fresh = MapCalibration(enabled=True, num_scales=3)
     fresh.load_state_dict(trained.state_dict())
     assert fresh.offset0.shape == (1, 1, 8, 8)
     torch.testing.assert_close(fresh.offset2, trained.offset2)
@@ -58,11 +59,31 @@ def test_position_means_travel_in_the_state_dict_and_fit_other_sizes() -> None:
 
 def test_a_state_dict_without_statistics_scores_the_plain_distances() -> None:
     """A checkpoint written without calibration loads and keeps the identity."""
-    calibration = MapCalibration("position", num_scales=3)
+    calibration = MapCalibration(enabled=True, num_scales=3)
     calibration.load_state_dict({}, strict=True)
     maps = _distances(torch.Generator().manual_seed(3))
     assert all(torch.equal(a, b) for a, b in zip(calibration(maps), maps, strict=True))
-    assert MapCalibration("none", num_scales=3).state_dict() == {}
+    assert MapCalibration(enabled=False, num_scales=3).state_dict() == {}
+
+
+def test_mode_none_measures_the_identity() -> None:
+    calibration = MapCalibration(enabled=True, num_scales=3)
+    maps = _distances(torch.Generator().manual_seed(5))
+    calibration.measure("position", [maps])
+    calibration.measure("none", [maps])
+    assert all(torch.equal(a, b) for a, b in zip(calibration(maps), maps, strict=True))
+
+
+def test_the_category_chooses_the_mode_and_unknown_modes_are_refused() -> None:
+    from types import SimpleNamespace
+
+    setting = {"default": "scale", "screw": "position"}
+    assert resolve_map_calibration(setting, SimpleNamespace(category="screw")) == "position"
+    assert resolve_map_calibration(setting, SimpleNamespace(category="grass")) == "scale"
+    assert resolve_map_calibration({"screw": "position"}, SimpleNamespace(category="grass")) == "none"
+    assert resolve_map_calibration("envelope", SimpleNamespace(category="grass")) == "envelope"
+    with pytest.raises(AandInputError, match="map_calibration must be one of"):
+        tiny_aand(map_calibration={"screw": "positon"})
 
 
 @pytest.mark.slow
@@ -70,18 +91,19 @@ def test_training_measures_calibration_on_training_images_and_export_keeps_it(mv
     """Fit measures the statistics on the training split only; the ONNX graph carries them (parity <= 1e-3)."""
     import onnxruntime
 
-    model = tiny_aand(map_calibration="envelope")
+    model = tiny_aand(map_calibration={"default": "none", "toy": "envelope"})
     datamodule = MVTecAD(root=mvtec_root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
     engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu", devices=1)
     engine.fit(model, datamodule=datamodule)
     calibration = model.model.anomaly_map_generator.calibration
     assert calibration.offset0.shape == (1, 1, 8, 8)  # 32 px image, stride 4
-    measured = [s.clone() for pair in calibration.statistics() for s in pair]
+    measured = [s.clone() for triple in calibration.statistics() for s in triple]
+    assert float(calibration.floor0) == 0.0  # the category's mode: envelope
     datamodule.setup()
     model.eval()
     images = [model.pre_processor.transform(batch.image) for batch in datamodule.train_dataloader()]
-    calibrate(calibration, model.model.distances, images)  # again, by hand, on the training images only
-    for before, after in zip(measured, [s for pair in calibration.statistics() for s in pair], strict=True):
+    calibration.measure("envelope", (model.model.distances(i) for i in images))  # again, by hand, training split
+    for before, after in zip(measured, [s for triple in calibration.statistics() for s in triple], strict=True):
         torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-6)
     onnx_path = engine.export(model, ExportType.ONNX, export_root=tmp_path / "export")
     session = onnxruntime.InferenceSession(str(onnx_path))
@@ -97,8 +119,8 @@ def test_training_measures_calibration_on_training_images_and_export_keeps_it(mv
 def test_envelope_counts_only_what_exceeds_every_normal_image_at_its_position() -> None:
     generator = torch.Generator().manual_seed(4)
     batches = [_distances(generator) for _ in range(2)]
-    calibration = MapCalibration("envelope", num_scales=3)
-    calibrate(calibration, lambda d: d, batches)
+    calibration = MapCalibration(enabled=True, num_scales=3)
+    calibration.measure("envelope", batches)
     largest = torch.cat([b[0] for b in batches]).amax(dim=0, keepdim=True)
     torch.testing.assert_close(calibration.offset0, largest)
     assert all(float(d.amax()) == 0.0 for b in batches for d in calibration(b))  # no normal image exceeds it

@@ -10,11 +10,14 @@ training images and scores, per scale, before adding the scales:
 - ``"position"``: ``(distance - mean at the position) / spread``;
 - ``"envelope"``: ``max(0, distance - largest normal distance at the position)``: only what exceeds every
   normal training image at that position counts.
-The statistics are buffers: checkpoints and exported graphs carry them. A model whose checkpoint holds none
-(written without calibration) scores the plain distances.
+
+Every mode is the same computation, ``max((distance - offset) / spread, floor)``, with buffers that the checkpoint
+and the exported graph carry. A model whose checkpoint holds none (written without calibration) scores the plain
+distances. The mode can differ by category (``resolve_map_calibration``), as the foreground choice does.
 """
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -23,12 +26,16 @@ from torch import nn
 
 from .errors import AandInputError
 
+logger = logging.getLogger(__name__)
+
 CalibrationMode = Literal["none", "scale", "position", "envelope"]
 MODES = ("none", "scale", "position", "envelope")
+NO_FLOOR = torch.finfo(torch.float32).min
+Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 
 
 def _this_process(tensor: torch.Tensor, op: str) -> torch.Tensor:
-    """``MapCalibration.finish``'s ``reduce`` in one process: the value as it is."""
+    """``calibrate``'s ``reduce`` in one process: the value as it is."""
     del op
     return tensor
 
@@ -40,89 +47,112 @@ def _resized(offset: torch.Tensor, size: torch.Size) -> torch.Tensor:
     return F.interpolate(offset, size=size, mode="bilinear", align_corners=True)
 
 
+def check_map_calibration(setting: str | Mapping[str, str]) -> None:
+    """Refuse a mode, or a per-category mapping of modes, that ``MapCalibration`` does not know."""
+    modes = [setting] if isinstance(setting, str) else list(setting.values())
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        msg = (
+            f"map_calibration must be one of {list(MODES)}, or a mapping of categories (and 'default') to those, "
+            f"got {setting!r}."
+        )
+        raise AandInputError(msg)
+
+
+def resolve_map_calibration(setting: str | Mapping[str, str], datamodule: object) -> CalibrationMode:
+    """The mode for ``datamodule``'s category: ``setting`` itself, or its entry (else ``"default"``, else ``"none"``).
+
+    A mapping lets one config carry a per-category choice (aligned objects by position, textures by scale) that
+    ``--data.category`` selects.
+    """
+    if isinstance(setting, str):
+        return setting
+    category = getattr(datamodule, "category", None) or getattr(datamodule, "name", None)
+    mode = setting.get(str(category), setting.get("default", "none"))
+    logger.info("Category %r: map calibration %r.", category, mode)
+    return mode
+
+
 class MapCalibration(nn.Module):
-    """Per-scale ``(distance - offset) / spread`` (floored at 0 for ``"envelope"``), from normal training images.
+    """Per-scale ``max((distance - offset) / spread, floor)``, the statistics measured on normal training images.
 
     Args:
-        mode: ``"none"`` (plain distances), ``"scale"``, ``"position"`` or ``"envelope"`` (module docstring).
+        enabled: Hold the statistics (buffers); without them the plain distances pass through.
         num_scales: Scales of the model.
     """
 
-    def __init__(self, mode: CalibrationMode, num_scales: int) -> None:
+    def __init__(self, enabled: bool, num_scales: int) -> None:
         super().__init__()
-        if mode not in MODES:
-            msg = f"map_calibration must be one of {list(MODES)}, got {mode!r}."
-            raise AandInputError(msg)
-        self.mode = mode
+        self.enabled = enabled
         self.num_scales = num_scales
-        for index in range(num_scales if mode != "none" else 0):
+        for index in range(num_scales if enabled else 0):
             self.register_buffer(f"offset{index}", torch.zeros(1, 1, 1, 1))
             self.register_buffer(f"spread{index}", torch.ones(1, 1, 1, 1))
-        self._sums: list[torch.Tensor] = []
-        self._squares: list[torch.Tensor] = []
-        self._maxima: list[torch.Tensor] = []
-        self._count = 0
+            self.register_buffer(f"floor{index}", torch.full((1, 1, 1, 1), NO_FLOOR))
 
-    def statistics(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(offset, spread)`` of each scale, shallow to deep (identity when nothing was measured)."""
-        return [(getattr(self, f"offset{i}"), getattr(self, f"spread{i}")) for i in range(self.num_scales)]
+    def statistics(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(offset, spread, floor)`` of each scale, shallow to deep."""
+        return [
+            (getattr(self, f"offset{i}"), getattr(self, f"spread{i}"), getattr(self, f"floor{i}"))
+            for i in range(self.num_scales if self.enabled else 0)
+        ]
 
     def forward(self, distances: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Calibrated ``(B, 1, h, w)`` distance maps; the position means are resized to a map of another size."""
-        if self.mode == "none":
+        """Calibrated ``(B, 1, h, w)`` distance maps; per-position offsets are resized to a map of another size."""
+        if not self.enabled:
             return list(distances)
-        calibrated = [
-            (distance - _resized(offset, distance.shape[-2:])) / spread
-            for distance, (offset, spread) in zip(distances, self.statistics(), strict=True)
+        return [
+            torch.maximum((distance - _resized(offset, distance.shape[-2:])) / spread, floor)
+            for distance, (offset, spread, floor) in zip(distances, self.statistics(), strict=True)
         ]
-        return [torch.relu(d) for d in calibrated] if self.mode == "envelope" else calibrated
-
-    def begin(self) -> None:
-        """Start measuring (``update`` with batches of normal images, then ``finish``)."""
-        self._sums = []
-        self._squares = []
-        self._maxima = []
-        self._count = 0
 
     @torch.no_grad()
-    def update(self, distances: Sequence[torch.Tensor]) -> None:
-        """Add a batch's plain ``(B, 1, h, w)`` distance maps (float64 sums, on their device)."""
-        if not self._sums:
-            self._sums = [torch.zeros_like(d[0], dtype=torch.float64) for d in distances]
-            self._squares = [torch.zeros_like(d[0], dtype=torch.float64) for d in distances]
-            self._maxima = [torch.full_like(d[0], -torch.inf, dtype=torch.float64) for d in distances]
-        for index, distance in enumerate(distances):
-            self._sums[index] += distance.double().sum(dim=0)
-            self._squares[index] += distance.double().square().sum(dim=0)
-            self._maxima[index] = torch.maximum(self._maxima[index], distance.double().amax(dim=0))
-        self._count += len(distances[0])
+    def measure(
+        self, mode: CalibrationMode, batches: Iterable[Sequence[torch.Tensor]], reduce: Reduce | None = None
+    ) -> None:
+        """Set the buffers for ``mode`` from the plain distance maps of normal image ``batches``.
 
-    @torch.no_grad()
-    def finish(self, reduce: Any = None) -> None:  # noqa: ANN401  (callable(tensor, op) combining processes)
-        """Set the buffers from what ``update`` saw.
-
-        ``reduce(tensor, op)`` combines the processes' values under DDP (``op``: ``"sum"`` or ``"max"``); without it
-        this process's are used.
+        ``reduce(tensor, op)`` combines the processes' values under DDP (``op``: ``"sum"`` or ``"max"``).
+        ``"none"`` sets the identity.
         """
-        if self.mode == "none" or not self._sums:
+        if not self.enabled:
             return
         reduce = reduce or _this_process
-        count = torch.tensor(float(self._count), dtype=torch.float64, device=self._sums[0].device)
-        count = reduce(count, "sum")
+        sums: list[torch.Tensor] = []
+        squares: list[torch.Tensor] = []
+        maxima: list[torch.Tensor] = []
+        count = 0
+        for distances in batches if mode != "none" else ():
+            if not sums:
+                sums = [torch.zeros_like(d[0], dtype=torch.float64) for d in distances]
+                squares = [torch.zeros_like(d[0], dtype=torch.float64) for d in distances]
+                maxima = [torch.full_like(d[0], -torch.inf, dtype=torch.float64) for d in distances]
+            for index, distance in enumerate(distances):
+                sums[index] += distance.double().sum(dim=0)
+                squares[index] += distance.double().square().sum(dim=0)
+                maxima[index] = torch.maximum(maxima[index], distance.double().amax(dim=0))
+            count += len(distances[0])
         for index in range(self.num_scales):
-            position_mean = reduce(self._sums[index], "sum") / count
-            overall_mean = position_mean.mean()
-            squares = reduce(self._squares[index], "sum").sum() / (count * position_mean.numel())
-            spread = (squares - overall_mean.square()).clamp_min(1e-12).sqrt()
-            offset = {
-                "scale": overall_mean.reshape(1, 1),
-                "position": position_mean,
-                "envelope": reduce(self._maxima[index], "max"),
-            }[self.mode]
-            spread = spread if self.mode != "envelope" else torch.ones_like(spread)
+            offset, spread, floor = self._identity(index)
+            if sums:
+                total = reduce(torch.tensor(float(count), dtype=torch.float64, device=sums[index].device), "sum")
+                position_mean = reduce(sums[index], "sum") / total
+                overall_mean = position_mean.mean()
+                mean_square = reduce(squares[index], "sum").sum() / (total * position_mean.numel())
+                spread = (mean_square - overall_mean.square()).clamp_min(1e-12).sqrt().reshape(1, 1)
+                offset = {"scale": overall_mean.reshape(1, 1), "position": position_mean}.get(mode)
+                if mode == "envelope":
+                    offset = reduce(maxima[index], "max")
+                    spread = torch.ones_like(spread)
+                    floor = torch.zeros_like(spread)
             setattr(self, f"offset{index}", offset.float().reshape(1, 1, *offset.shape[-2:]).clone())
             setattr(self, f"spread{index}", spread.float().reshape(1, 1, 1, 1).clone())
-        self.begin()
+            setattr(self, f"floor{index}", floor.float().reshape(1, 1, 1, 1).clone())
+
+    def _identity(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = getattr(self, f"offset{index}").device
+        zero = torch.zeros(1, 1, device=device)
+        return zero, torch.ones_like(zero), torch.full_like(zero, NO_FLOOR)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:  # noqa: ANN401
         """Take the statistics at their saved shape; a checkpoint without them keeps the identity."""
@@ -136,20 +166,9 @@ class MapCalibration(nn.Module):
 
     def extra_repr(self) -> str:
         """Shown in the module summary."""
-        return f"mode={self.mode!r}"
+        return f"enabled={self.enabled}"
 
 
-@torch.no_grad()
-def calibrate(
-    calibration: MapCalibration,
-    distances: Any,  # noqa: ANN401  (a callable: images -> the model's plain distance maps)
-    batches: Any,  # noqa: ANN401  (an iterable of pre-processed image batches)
-    reduce: Any = None,  # noqa: ANN401  (a callable(tensor, op) combining processes, see ``MapCalibration.finish``)
-) -> None:
-    """Measure ``calibration``'s statistics from ``distances(images)`` over the normal image ``batches``."""
-    if calibration.mode == "none":
-        return
-    calibration.begin()
-    for images in batches:
-        calibration.update(distances(images))
-    calibration.finish(reduce)
+def calibration_enabled(setting: str | Mapping[str, str]) -> bool:
+    """Whether any category gets a calibration other than ``"none"``."""
+    return any(mode != "none" for mode in ([setting] if isinstance(setting, str) else setting.values()))
