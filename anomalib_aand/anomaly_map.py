@@ -38,7 +38,7 @@ class AnomalyMapGenerator(nn.Module):
         self.calibration = MapCalibration(calibration, num_scales)
 
     def distances(self, targets: Sequence[torch.Tensor], students: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Each scale's ``(B, 1, h, w)`` map of ``1 - cos`` between target and student features, in the module's dtype."""
+        """Each scale's ``(B, 1, h, w)`` map of ``1 - cos`` between target and student features, in the module dtype."""
         dtype = self.blur.kernel.dtype
         with without_autocast(targets[0].device.type):
             return [
