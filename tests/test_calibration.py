@@ -99,13 +99,13 @@ def test_training_measures_calibration_on_training_images_and_export_keeps_it(mv
     assert calibration.offset0.shape == (1, 1, 8, 8)  # 32 px image, stride 4
     measured = [s.clone() for triple in calibration.statistics() for s in triple]
     assert float(calibration.floor0) == 0.0  # the category's mode: envelope
+    onnx_path = engine.export(model, ExportType.ONNX, export_root=tmp_path / "export")  # measured in inference mode
     datamodule.setup()
     model.eval()
     images = [model.pre_processor.transform(batch.image) for batch in datamodule.train_dataloader()]
     calibration.measure("envelope", (model.model.distances(i) for i in images))  # again, by hand, training split
     for before, after in zip(measured, [s for triple in calibration.statistics() for s in triple], strict=True):
         torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-6)
-    onnx_path = engine.export(model, ExportType.ONNX, export_root=tmp_path / "export")
     session = onnxruntime.InferenceSession(str(onnx_path))
     batch = torch.rand(2, 3, 48, 40)
     with torch.no_grad():
@@ -127,3 +127,12 @@ def test_envelope_counts_only_what_exceeds_every_normal_image_at_its_position() 
     defect = [d.clone() for d in batches[0]]
     defect[0][0, 0, 3, 3] = largest[0, 0, 3, 3] + 0.5
     assert float(calibration(defect)[0][0, 0, 3, 3]) == pytest.approx(0.5)
+
+
+def test_statistics_measured_in_inference_mode_stay_exportable() -> None:
+    """Measured under ``torch.inference_mode`` (as a caller may), the buffers are ordinary tensors: exportable."""
+    generator = torch.Generator().manual_seed(5)
+    calibration = MapCalibration(enabled=True, num_scales=3)
+    with torch.inference_mode():
+        calibration.measure("envelope", [_distances(generator) for _ in range(2)])
+    assert not any(s.is_inference() for triple in calibration.statistics() for s in triple)

@@ -145,9 +145,10 @@ class MapCalibration(nn.Module):
                     offset = reduce(maxima[index], "max")
                     spread = torch.ones_like(spread)
                     floor = torch.zeros_like(spread)
-            setattr(self, f"offset{index}", offset.float().reshape(1, 1, *offset.shape[-2:]).clone())
-            setattr(self, f"spread{index}", spread.float().reshape(1, 1, 1, 1).clone())
-            setattr(self, f"floor{index}", floor.float().reshape(1, 1, 1, 1).clone())
+            with torch.inference_mode(mode=False):  # validation runs in inference mode; buffers must stay exportable
+                setattr(self, f"offset{index}", offset.float().reshape(1, 1, *offset.shape[-2:]).clone())
+                setattr(self, f"spread{index}", spread.float().reshape(1, 1, 1, 1).clone())
+                setattr(self, f"floor{index}", floor.float().reshape(1, 1, 1, 1).clone())
 
     def _identity(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device = getattr(self, f"offset{index}").device
