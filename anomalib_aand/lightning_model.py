@@ -354,8 +354,11 @@ class Aand(AnomalibModule):
 
         Refused: another model or backbone, another stage schedule when resuming, an interrupted run's checkpoint
         for test or predict. The stage-1 synthesizer's entries are dropped first: it is rebuilt when stage 1 starts.
+        The map calibration's per-position statistics take the checkpoint's map size.
         """
         drop_synthesizer_state(checkpoint)
+        calibration = self.model.anomaly_map_generator.calibration
+        calibration.take_shapes(checkpoint.get("state_dict", {}), "model.anomaly_map_generator.calibration.")
         check_checkpoint(checkpoint, self.state_dict(), self.hparams)
         if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
             check_resumable(checkpoint, self.stage1_epochs)

@@ -10,6 +10,7 @@ from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from conftest import tiny_aand
 
+from anomalib_aand import Aand
 from anomalib_aand.components.calibration import MapCalibration, resolve_map_calibration
 from anomalib_aand.components.errors import AandInputError
 
@@ -114,6 +115,10 @@ def test_training_measures_calibration_on_training_images_and_export_keeps_it(mv
     outputs = dict(zip([o.name for o in session.get_outputs()], theirs, strict=True))
     np.testing.assert_allclose(outputs["pred_score"].reshape(-1), ours.pred_score.reshape(-1).numpy(), atol=1e-3)
     np.testing.assert_allclose(outputs["anomaly_map"], ours.anomaly_map.numpy(), atol=1e-3)
+    reloaded = Aand.load_from_checkpoint(engine.trainer.checkpoint_callback.best_model_path, map_location="cpu")
+    assert reloaded.model.anomaly_map_generator.calibration.offset0.shape == (1, 1, 8, 8)  # per position, loaded
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(batch).anomaly_map, ours.anomaly_map)
 
 
 def test_envelope_counts_only_what_exceeds_every_normal_image_at_its_position() -> None:

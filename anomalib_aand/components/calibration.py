@@ -90,6 +90,14 @@ class MapCalibration(nn.Module):
             self.register_buffer(f"spread{index}", torch.ones(1, 1, 1, 1))
             self.register_buffer(f"floor{index}", torch.full((1, 1, 1, 1), NO_FLOOR))
 
+    def take_shapes(self, state_dict: Mapping[str, torch.Tensor], prefix: str) -> None:
+        """Give each offset the shape of ``state_dict``'s (a per-position offset has its map's size), to load it."""
+        for index in range(self.num_scales if self.enabled else 0):
+            stored = state_dict.get(f"{prefix}offset{index}")
+            current = getattr(self, f"offset{index}")
+            if isinstance(stored, torch.Tensor) and stored.dim() == current.dim() and stored.shape[:2] == (1, 1):
+                setattr(self, f"offset{index}", current.new_zeros(stored.shape))
+
     def statistics(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(offset, spread, floor)`` of each scale, shallow to deep."""
         return [
