@@ -374,12 +374,7 @@ def step_probes(settings: Settings) -> dict[str, Any]:
 
     def stage2_step(source: str) -> Callable[[], None]:
         def run() -> None:
-            if source == "recompute":
-                with torch.no_grad():
-                    targets = net.amplified_features(images)
-            else:
-                targets = stores[source].get(paths, images)
-            loss = model.distillation_loss(targets, net.distill(targets))
+            loss = _stage2_loss(model, stores, source, paths, images)
             stage2.zero_grad()
             loss.backward()
             stage2.step()
@@ -545,12 +540,7 @@ def _precision_row(
     def stage2(source: str) -> Callable[[], None]:
         def step() -> None:
             with _autocast(device, precision):
-                if source == "recompute":
-                    with torch.no_grad():
-                        targets = net.amplified_features(images)
-                else:
-                    targets = stores[source].get(paths, images)
-                loss = model.distillation_loss(targets, net.distill(targets))
+                loss = _stage2_loss(model, stores, source, paths, images)
             backward(loss, student)
 
         return step
@@ -564,6 +554,18 @@ def _precision_row(
         share = row["synthesis"]["result"]["median_ms"] / row["stage1_step"]["result"]["median_ms"]
         row["synthesis_share_of_stage1"] = round(share, 3)
     return row
+
+
+def _stage2_loss(
+    model: Aand, stores: dict[str, FeatureStore], source: str, paths: list[str], images: torch.Tensor
+) -> torch.Tensor:
+    """Stage-2 loss of one batch, its targets recomputed by the teacher (``"recompute"``) or read from a store."""
+    if source == "recompute":
+        with torch.no_grad():
+            targets = model.model.amplified_features(images)
+    else:
+        targets = stores[source].get(paths, images)
+    return model.distillation_loss(targets, model.model.distill(targets))
 
 
 def _plain_stage2(model: Aand, images: torch.Tensor) -> Callable[[], None]:
