@@ -12,4 +12,7 @@ if [ "${1:-}" = "--fast" ]; then
   tier=(-m "not slow")
   shift
 fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "${tier[@]}" tests "$@"
+# One pytest worker per core (pytest-xdist), each test file on one worker (its module fixtures run once), one
+# thread per process: the tests are many small CPU-bound runs, so processes side by side beat threads in one.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n auto --dist loadfile "${tier[@]}" tests "$@"

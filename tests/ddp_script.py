@@ -40,6 +40,7 @@ class Probe(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         del trainer
         self.record["start"] = {"parameters": tensor_hashes(pl_module.model, buffers=False)}
+        self.record["threads"] = torch.get_num_threads()
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         sampler = trainer.train_dataloader.sampler

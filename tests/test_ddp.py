@@ -1,9 +1,10 @@
 """AAND under Lightning DDP: two CPU processes (gloo) against one process, on generated data.
 
 The DDP runs go through anomalib's real entry points: the ``anomalib train`` CLI and ``Engine`` in
-``tests/ddp_script.py``, whose probe callback writes what each process saw (``rank<r>.json``).
-One single-process run and one DDP run (1 + 3 epochs, batch 1 per process, 4 training images) are
-shared by most tests; a second DDP run resumes the single-process checkpoint.
+``tests/ddp_script.py``, whose probe callback (also given to the CLI) writes what each process saw
+(``rank<r>.json``). One single-process run (``Engine``) and one DDP run (the CLI; 1 + 3 epochs, batch 1 per
+process, 4 training images) are shared by most tests; a second DDP run (``Engine``) resumes the single-process
+checkpoint.
 """
 
 import hashlib
@@ -72,9 +73,71 @@ def single(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two processes: fit (both stages), then test."""
+    """Two processes through the issue's command, ``anomalib train ... --trainer.strategy ddp``: fit (both stages),
+    then test; the same settings and callbacks as ``ddp_script.py``, given in a ``--config`` file."""
     out = tmp_path_factory.mktemp("ddp")
-    (out / "log.txt").write_text(run_script(data, out, 2))
+    pre_processor = {
+        "class_path": "anomalib.pre_processing.PreProcessor",
+        "init_args": {
+            "transform": {
+                "class_path": "torchvision.transforms.v2.Compose",
+                "init_args": {
+                    "transforms": [
+                        {"class_path": "torchvision.transforms.v2.Resize", "init_args": {"size": [64, 64]}},
+                        {
+                            "class_path": "torchvision.transforms.v2.Normalize",
+                            "init_args": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+                        },
+                    ]
+                },
+            }
+        },
+    }
+    epochs = {"dirpath": str(out / "epochs"), "filename": "{epoch}", "save_top_k": -1, "mode": "max"}
+    config = {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 2,
+            "logger": False,
+            "enable_progress_bar": False,
+            "callbacks": [
+                {"class_path": "ddp_script.Probe", "init_args": {"out": str(out)}},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {**epochs, "save_on_train_epoch_end": True},
+                },
+            ],
+        },
+        "model": {
+            "class_path": "anomalib_aand.Aand",
+            "init_args": {
+                "backbone": "resnet18",
+                "pre_trained": False,
+                "stage1_epochs": 1,
+                "stage2_epochs": EPOCHS - 1,
+                "pre_processor": pre_processor,
+            },
+        },
+        "data": {
+            "class_path": "anomalib.data.MVTecAD",
+            "init_args": {
+                "root": str(data),
+                "category": "toy",
+                "train_batch_size": 1,
+                "eval_batch_size": 1,
+                "num_workers": 0,
+            },
+        },
+    }
+    (out / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    command = [str(Path(sys.executable).with_name("anomalib")), "train", "--config", str(out / "config.yaml")]
+    command += ["--trainer.strategy", "ddp", "--default_root_dir", str(out / "runs")]
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    (out / "log.txt").write_text(output)
     return out
 
 
@@ -87,20 +150,12 @@ def ddp_resumed(data: Path, single: Path, tmp_path_factory: pytest.TempPathFacto
     return out, log
 
 
-def test_cli_ddp_trains_both_stages_without_a_flag(data: Path, tmp_path: Path) -> None:
+def test_cli_ddp_trains_both_stages_without_a_flag(ddp: Path) -> None:
     """The issue's command: ``--trainer.strategy ddp``, two CPU processes, exit 0, exactly one checkpoint."""
-    command = [str(Path(sys.executable).with_name("anomalib")), "train", "--model", "anomalib_aand.Aand"]
-    command += ["--model.backbone", "resnet18", "--model.pre_trained", "false"]
-    command += ["--model.stage1_epochs", "1", "--model.stage2_epochs", "1", "--data", "anomalib.data.MVTecAD"]
-    command += ["--data.root", str(data), "--data.category", "toy", "--data.num_workers", "0"]
-    command += ["--data.train_batch_size", "2", "--data.eval_batch_size", "2", "--trainer.accelerator", "cpu"]
-    command += ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--default_root_dir", "out"]
-    result = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900, check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    output = (ddp / "log.txt").read_text()
     assert "not used in producing the loss" not in output
     assert "image_AUROC" in output
-    assert [p.name for p in (tmp_path / "out").rglob("*.ckpt")] == ["model.ckpt"]
+    assert [p.name for p in (ddp / "runs").rglob("*.ckpt")] == ["model.ckpt"]
 
 
 def test_weights_identical_on_all_ranks_after_each_stage(ddp: Path) -> None:
@@ -178,12 +233,12 @@ def test_evaluation_covers_the_whole_split_like_one_process(ddp: Path, single: P
     for name, key in thresholds.items():
         assert float(state[key]) == pytest.approx(first["fit_post_processing"][name], rel=1e-6)
     # one process evaluating the DDP checkpoint reports what the two processes reported; it computes with the
-    # threads of one DDP process (Lightning gives each cpu_count // processes), since a score that lies exactly
-    # on the threshold can take either label when the convolution's summation order changes with the threads
+    # threads of one DDP process (Lightning gives each cpu_count // processes unless OMP_NUM_THREADS is set), since
+    # a score that lies exactly on the threshold can take either label when the summation order changes with them
     datamodule = MVTecAD(root=data, category="toy", eval_batch_size=1, num_workers=0)
     engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=ddp / "eval")
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    torch.set_num_threads(first["threads"])
     try:
         (metrics,) = engine.test(Aand.load_from_checkpoint(checkpoint), datamodule=datamodule)
     finally:

@@ -8,6 +8,7 @@ INT8 scores must rank images and pixels as the FP32 ones do. With NNCF's default
 ``nncf.quantize``) every INT8 score of this model is 0.0: image AUROC 0.5 against FP32's 1.0.
 """
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from anomalib.metrics import AUROC
 from conftest import EXPORT_SIZE
 from torchmetrics.classification import BinaryAUROC
 
-from anomalib_aand import Aand
+from anomalib_aand import Aand, lightning_model
+from anomalib_aand.int8 import quantize_openvino_ir
 
 pytestmark = pytest.mark.slow  # every test here uses the trained model's INT8 exports
 
@@ -34,11 +36,9 @@ PIXEL_AUROC_TOLERANCE = 0.02
 ACQ_MAX_DROP = 0.01
 
 
-@pytest.fixture(scope="module")
-def irs(lite0_trained: dict) -> dict[str, Path]:
-    """FP32, INT8_PTQ and INT8_ACQ IRs of the session's Lite0 model, and its dataset folder."""
-    root = lite0_trained["root"]
-    calibration = MVTecAD(
+def calibration_data(root: Path) -> MVTecAD:
+    """Calibration on training images (``val_split_mode=from_train``), as docs/export.md documents."""
+    return MVTecAD(
         root=root,
         category="toy",
         eval_batch_size=4,
@@ -46,29 +46,75 @@ def irs(lite0_trained: dict) -> dict[str, Path]:
         val_split_mode=ValSplitMode.FROM_TRAIN,
         val_split_ratio=0.5,
     )
+
+
+@pytest.fixture(scope="module")
+def irs(lite0_trained: dict) -> dict[str, Path]:
+    """FP32, INT8_PTQ and INT8_ACQ IRs of the session's Lite0 model, and its dataset folder.
+
+    ``Engine.export`` writes the FP32 IR (dynamic input size, as ``anomalib export`` does by default); the INT8
+    IRs are that IR quantised by ``quantize_openvino_ir``, the call ``Aand.to_openvino`` makes for ``INT8_PTQ``
+    and ``INT8_ACQ`` after writing the same FP32 IR (``test_engine_export_quantises_with_aands_recipe`` checks
+    that call), so the model is exported once instead of three times.
+    """
+    root = lite0_trained["root"]
     engine = Engine(default_root_dir=root, logger=False, enable_progress_bar=False, accelerator="cpu", devices=1)
-    return {
-        "root": root / "toy",
-        **{
-            name: Path(
-                engine.export(
-                    Aand(backbone="tf_efficientnet_lite0", layers=("blocks.1", "blocks.2", "blocks.4")),
-                    ExportType.OPENVINO,
-                    export_root=root / name,
-                    ckpt_path=lite0_trained["checkpoint"],
-                    compression_type=compression,
-                    datamodule=calibration,
-                    metric=AUROC(fields=["pred_score", "gt_label"]),
-                    max_drop=ACQ_MAX_DROP,
-                )
-            )
-            for name, compression in (
-                ("fp32", None),
-                ("int8", CompressionType.INT8_PTQ),
-                ("int8_acq", CompressionType.INT8_ACQ),
-            )
-        },
-    }
+    fp32 = engine.export(
+        Aand(backbone="tf_efficientnet_lite0", layers=("blocks.1", "blocks.2", "blocks.4")),
+        ExportType.OPENVINO,
+        export_root=root / "fp32",
+        ckpt_path=lite0_trained["checkpoint"],
+    )
+    irs = {"root": root / "toy", "fp32": Path(fp32)}
+    for name, accuracy_control in (("int8", None), ("int8_acq", AUROC(fields=["pred_score", "gt_label"]))):
+        xml = root / name / "model.xml"
+        xml.parent.mkdir()
+        shutil.copy(irs["fp32"], xml)
+        shutil.copy(irs["fp32"].with_suffix(".bin"), xml.with_suffix(".bin"))
+        irs[name] = quantize_openvino_ir(xml, calibration_data(root), accuracy_control, max_drop=ACQ_MAX_DROP)
+    return irs
+
+
+@pytest.mark.parametrize("compression", [CompressionType.INT8_PTQ, CompressionType.INT8_ACQ])
+def test_engine_export_quantises_with_aands_recipe(
+    compression: CompressionType,
+    exported: tuple[Aand, Path],
+    mvtec_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Engine.export(..., compression_type=INT8_*)`` hands the FP32 IR it wrote, the calibration data and, for
+    ``INT8_ACQ``, the metric and ``max_drop`` to ``quantize_openvino_ir`` (recorded here instead of run: the
+    quantisation itself is tested on the Lite0 model above) and returns what that returns."""
+    calls = []
+
+    def recorded(xml: Path, datamodule: MVTecAD, accuracy_control=None, max_drop: float = 0.01) -> Path:
+        calls.append({"xml": xml, "datamodule": datamodule, "accuracy_control": accuracy_control, "max_drop": max_drop})
+        return xml
+
+    monkeypatch.setattr(lightning_model, "quantize_openvino_ir", recorded)
+    calibration = calibration_data(mvtec_root)
+    metric = AUROC(fields=["pred_score", "gt_label"])
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu", devices=1)
+    xml = engine.export(
+        exported[0],
+        ExportType.OPENVINO,
+        export_root=tmp_path,
+        input_size=(EXPORT_SIZE, EXPORT_SIZE),  # a fixed size exports faster; the dynamic graph is tested above
+        compression_type=compression,
+        datamodule=calibration,
+        metric=metric,
+        max_drop=0.5,
+    )
+    (call,) = calls
+    assert Path(xml) == call["xml"]
+    assert call["xml"].is_file()
+    assert call["datamodule"] is calibration
+    if compression == CompressionType.INT8_ACQ:
+        assert call["accuracy_control"] is metric
+        assert call["max_drop"] == 0.5
+    else:
+        assert call["accuracy_control"] is None
 
 
 def _predict(xml: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -143,7 +143,9 @@ def _assert_onnx_matches_torch(engine: Engine, root: Path) -> None:
     import onnxruntime as ort
 
     checkpoint = engine.trainer.checkpoint_callback.best_model_path
-    onnx_path = engine.export(Aand(backbone="resnet18"), ExportType.ONNX, export_root=root, ckpt_path=checkpoint)
+    onnx_path = engine.export(
+        Aand(backbone="resnet18"), ExportType.ONNX, export_root=root, input_size=(32, 32), ckpt_path=checkpoint
+    )  # a fixed size exports faster; the dynamic export is tested in test_export.py
     images = torch.rand(2, 3, 32, 32)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
@@ -156,9 +158,13 @@ def _assert_onnx_matches_torch(engine: Engine, root: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
 def test_precision_trains_both_stages_tests_and_exports(precision: str, mvtec_root: Path, tmp_path: Path) -> None:
-    """1 + 2 epochs with the cache on (every stage-2 batch a hit) and off; test and predict in float32; export."""
+    """1 + 2 epochs with the cache on (every stage-2 batch a hit) and off; test and predict in float32; export.
+
+    ``16-mixed`` runs with the cache only: on a CPU Lightning replaces it by ``bf16-mixed`` (with a warning), so the
+    run only shows that the flag is accepted.
+    """
     datamodule = _datamodule(mvtec_root)
-    for cache in (True, False):
+    for cache in (True,) if precision == "16-mixed" else (True, False):
         torch.manual_seed(0)
         model = tiny_aand(stage2_epochs=2, cache_features=cache)
         engine = _engine(tmp_path / str(cache), precision)
