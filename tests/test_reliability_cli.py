@@ -1,8 +1,9 @@
 """What a user of the ``anomalib`` command sees: reproducible runs and errors that end with what to do.
 
-Each test runs the CLI in a subprocess (slow tier): two seeded trainings that must give the same model, and
-commands that must stop with Aand's own sentence as the last thing printed, never with jsonargparse's
-``Namespace(...)`` or torch's advice to load a file with ``weights_only=False``.
+Two seeded trainings, each in a fresh process, must give the same model. Commands that stop before training must
+stop with Aand's own sentence as the last thing printed, never with jsonargparse's ``Namespace(...)`` or torch's
+advice to load a file with ``weights_only=False``; they run ``anomalib.cli.cli.main`` (what the ``anomalib``
+command calls) in the test's process, with its output captured at the file descriptors.
 """
 
 import os
@@ -48,6 +49,21 @@ def anomalib(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def last_lines(result: subprocess.CompletedProcess, count: int = 3) -> str:
     return "\n".join([line for line in (result.stdout + result.stderr).splitlines() if line.strip()][-count:])
+
+
+def anomalib_stops(*args: str, cwd: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """``anomalib ARGS`` in this process, for a command that must exit before training: its exit status, its
+    output and its last printed line."""
+    from anomalib.cli.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys, "argv", ["anomalib", *args])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    out, err = capfd.readouterr()
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    return stopped.value.code, out + err, lines[-1]
 
 
 CONFIG = """
@@ -105,18 +121,25 @@ def test_seed_everything_makes_cli_runs_reproducible(mvtec_root: Path, tmp_path:
     ],
 )
 def test_model_errors_are_the_last_thing_printed(
-    mvtec_root: Path, tmp_path: Path, arguments: tuple[str, str], message: str
+    mvtec_root: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    arguments: tuple[str, str],
+    message: str,
 ) -> None:
-    result = anomalib("train", "--model", "anomalib_aand.Aand", *arguments, *data(mvtec_root), cwd=tmp_path)
-    assert result.returncode == 2
-    last = last_lines(result, 1)
+    command = ("train", "--model", "anomalib_aand.Aand", *arguments, *data(mvtec_root))
+    status, output, last = anomalib_stops(*command, cwd=tmp_path, capfd=capfd, monkeypatch=monkeypatch)
+    assert status == 2
     assert last.startswith("error: --model anomalib_aand.Aand: ")
     assert message in last
-    assert "Namespace(" not in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Namespace(" not in output
+    assert "Traceback" not in output
 
 
-def test_checkpoint_of_another_model_as_ckpt_path(mvtec_root: Path, tmp_path: Path) -> None:
+def test_checkpoint_of_another_model_as_ckpt_path(
+    mvtec_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What a ReverseDistillation checkpoint holds that an Aand checkpoint never does: anomalib's own enum."""
     other = tmp_path / "rd.ckpt"
     torch.save(
@@ -127,23 +150,25 @@ def test_checkpoint_of_another_model_as_ckpt_path(mvtec_root: Path, tmp_path: Pa
         },
         other,
     )
-    result = anomalib("test", *TINY, *data(mvtec_root), "--ckpt_path", str(other), cwd=tmp_path)
-    assert result.returncode == 2
-    last = last_lines(result, 1)
+    command = ("test", *TINY, *data(mvtec_root), "--ckpt_path", str(other))
+    status, output, last = anomalib_stops(*command, cwd=tmp_path, capfd=capfd, monkeypatch=monkeypatch)
+    assert status == 2
     assert last.startswith(f"error: {str(other)!r} is not a checkpoint of Aand (a checkpoint of anomalib's reverse_")
     assert last.endswith("pass the model.ckpt of an Aand run.")
-    assert "weights_only" not in result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
+    assert "weights_only" not in output
+    assert "Traceback" not in output
 
 
-def test_interrupted_checkpoint_is_not_exported(tmp_path: Path) -> None:
+def test_interrupted_checkpoint_is_not_exported(
+    tmp_path: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``anomalib export`` of a checkpoint saved before the final validation: refused, nothing written."""
     model = tiny_aand()
     interrupted = tmp_path / "model.ckpt"
     checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "epoch": 0}
     torch.save({**checkpoint, "pytorch-lightning_version": lightning.__version__, "global_step": 2}, interrupted)
     export = ("--export_type", "onnx", "--ckpt_path", str(interrupted), "--default_root_dir", "exported")
-    result = anomalib("export", *TINY, *export, cwd=tmp_path)
-    assert result.returncode == 2
-    assert last_lines(result, 1).startswith("error: This model has no thresholds")
+    status, _, last = anomalib_stops("export", *TINY, *export, cwd=tmp_path, capfd=capfd, monkeypatch=monkeypatch)
+    assert status == 2
+    assert last.startswith("error: This model has no thresholds")
     assert not list(tmp_path.rglob("*.onnx"))
