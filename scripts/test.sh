@@ -2,7 +2,7 @@
 # Install (if needed) and run the test suite, offline, on the CPU.
 #   bash scripts/test.sh          every test (what CI runs)
 #   bash scripts/test.sh --fast   the fast tier: unit tests and one train -> export -> OpenVINO smoke test
-# Other arguments go to pytest (e.g. bash scripts/test.sh --fast tests/test_components.py -x).
+# Other arguments go to pytest (e.g. bash scripts/test.sh --fast tests/test_components.py -x; -n 0 runs in one process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
