@@ -13,6 +13,7 @@ if [ "${1:-}" = "--fast" ]; then
   shift
 fi
 # One pytest worker per core (pytest-xdist), each test file on one worker (its module fixtures run once), one
-# thread per process: the tests are many small CPU-bound runs, so processes side by side beat threads in one.
+# thread per process: the tests are many small CPU-bound runs, so processes side by side beat threads in one. Files
+# go out in collection order, which tests/conftest.py sorts slow files first.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n auto --dist loadfile "${tier[@]}" tests "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n auto --dist loadfile --no-loadscope-reorder "${tier[@]}" tests "$@"

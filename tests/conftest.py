@@ -17,6 +17,16 @@ IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with slow tests first, so that the long ones start early and the quick files fill the end of the run.
+
+    ``scripts/test.sh`` hands whole files to the pytest-xdist workers in this order (``--no-loadscope-reorder``);
+    xdist's own order (most tests first) would start a one-test, 90-second file last.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     y, x = np.mgrid[0:size, 0:size] / size
     phase = rng.uniform(0, 2 * np.pi)
