@@ -357,13 +357,14 @@ class Aand(AnomalibModule):
         The map calibration's per-position statistics take the checkpoint's map size.
         """
         drop_synthesizer_state(checkpoint)
+        trained = self.state_dict()  # before the calibration takes the checkpoint's shapes (and zeros)
         calibration = self.model.anomaly_map_generator.calibration
         calibration.take_shapes(checkpoint.get("state_dict", {}), "model.anomaly_map_generator.calibration.")
         check_checkpoint(checkpoint, self.state_dict(), self.hparams)
         if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
             check_resumable(checkpoint, self.stage1_epochs)
             self.resumed_from = self._trainer.ckpt_path
-        keep_trained_weights_on_retest(self._trainer, checkpoint, self.state_dict(), self.resumed_from)
+        keep_trained_weights_on_retest(self._trainer, checkpoint, trained, self.resumed_from)
         check_finished(checkpoint, self._trainer)
         evaluator_state_follows_the_model(checkpoint, self.state_dict())
         super().on_load_checkpoint(checkpoint)
