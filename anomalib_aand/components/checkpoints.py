@@ -120,6 +120,9 @@ def _shape_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
+CALIBRATION_PREFIX = "model.anomaly_map_generator.calibration."
+
+
 def check_checkpoint(
     checkpoint: Mapping[str, Any],
     state_dict: Mapping[str, torch.Tensor],
@@ -127,7 +130,8 @@ def check_checkpoint(
 ) -> None:
     """Refuse a checkpoint whose weights do not fit this model, naming the settings that differ.
 
-    ``state_dict`` and ``hparams`` are the receiving model's.
+    ``state_dict`` and ``hparams`` are the receiving model's. A checkpoint without map calibration statistics fits
+    a calibrated model (it scores the plain sum it was trained with); one with them needs a calibrated model.
     """
     saved = checkpoint.get("state_dict")
     if not isinstance(saved, Mapping):
@@ -146,7 +150,13 @@ def check_checkpoint(
         for key, value in theirs.items()
         if key in ours and value != ours[key]
     ]
-    missing = [key for key in state_dict if key.startswith("model.") and key not in saved]
+    if any(key.startswith(CALIBRATION_PREFIX) and key not in state_dict for key in saved):
+        differences.append("map_calibration: the checkpoint holds calibration statistics, this model is 'none'")
+    missing = [
+        key
+        for key in state_dict
+        if key.startswith("model.") and key not in saved and not key.startswith(CALIBRATION_PREFIX)
+    ]
     extra = [key for key in saved if key.startswith("model.") and key not in state_dict]
     wrong = [key for key in state_dict if key in saved and saved[key].shape != state_dict[key].shape]
     if missing or extra or wrong or differences:
