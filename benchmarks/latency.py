@@ -160,7 +160,7 @@ def measure(
     ):
         getattr(model.post_processor, name).fill_(value)
     name = "AAND" if amplification else "RD student"
-    if args.map_calibration != "none":
+    if args.map_calibration != "envelope":
         name += f" ({args.map_calibration})"
     row: dict[str, object] = {"teacher": backbone, "model": name}
     row["params_M"] = sum(p.numel() for p in model.model.parameters()) / 1e6
@@ -304,9 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teachers", nargs="+", default=list(DEFAULT_TEACHERS), choices=list(TEACHERS))
     parser.add_argument(
         "--map-calibration",
-        default="none",
+        default="envelope",
         choices=["none", "scale", "position", "envelope"],
-        help="the models' map_calibration (Aand argument)",
+        help="the models' map_calibration (Aand argument; Aand's default)",
     )
     parser.add_argument(
         "--calibration",

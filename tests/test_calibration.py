@@ -141,3 +141,30 @@ def test_statistics_measured_in_inference_mode_stay_exportable() -> None:
     with torch.inference_mode():
         calibration.measure("envelope", [_distances(generator) for _ in range(2)])
     assert not any(s.is_inference() for triple in calibration.statistics() for s in triple)
+
+
+def test_envelope_is_the_default_and_a_plain_model_holds_no_statistics() -> None:
+    assert Aand().map_calibration == "envelope"
+    assert tiny_aand().model.anomaly_map_generator.calibration.enabled
+    assert not tiny_aand(map_calibration="none").model.anomaly_map_generator.calibration.statistics()
+
+
+@pytest.mark.slow
+def test_plain_checkpoint_tests_in_a_calibrated_model_and_not_the_reverse(mvtec_root: Path, tmp_path: Path) -> None:
+    """A checkpoint trained with ``map_calibration: none`` keeps its plain scores under the calibrated default
+    (``anomalib test --model anomalib_aand.Aand --ckpt_path ...``); a calibrated one is refused by a plain model."""
+    datamodule = MVTecAD(root=mvtec_root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    checkpoints = {}
+    for mode in ("none", "envelope"):
+        engine = Engine(default_root_dir=tmp_path / mode, logger=False, enable_progress_bar=False, accelerator="cpu")
+        engine.fit(tiny_aand(map_calibration=mode), datamodule=datamodule)
+        checkpoints[mode] = engine.trainer.checkpoint_callback.best_model_path
+    engine = Engine(default_root_dir=tmp_path / "test", logger=False, enable_progress_bar=False, accelerator="cpu")
+    calibrated = tiny_aand()
+    engine.predict(calibrated, datamodule=datamodule, ckpt_path=checkpoints["none"])
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = Aand.load_from_checkpoint(checkpoints["none"], map_location="cpu").eval()(images)
+        torch.testing.assert_close(calibrated.eval()(images).anomaly_map, plain.anomaly_map)
+    with pytest.raises(AandInputError, match="map_calibration: the checkpoint holds calibration statistics"):
+        engine.test(tiny_aand(map_calibration="none"), datamodule=datamodule, ckpt_path=checkpoints["envelope"])

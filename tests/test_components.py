@@ -272,11 +272,14 @@ def test_mask_at_feature_scale() -> None:
 def test_state_dict_keys_match_released_checkpoints(stage1_epochs: int, fixture: str) -> None:
     """Checkpoints written before the refactor keep loading: the state_dict key names stay the same.
 
-    The fixtures list the keys of ``Aand(backbone="resnet18", stage1_epochs=...)`` at commit c9f007c; a renamed
-    or new persistent tensor (loss modules, the feature cache) would make old checkpoints fail to load.
+    The fixtures list the keys of ``Aand(backbone="resnet18", stage1_epochs=...)`` at commit c9f007c, written
+    without map calibration; a renamed or new persistent tensor (loss modules, the feature cache) would make old
+    checkpoints fail to load. Such a state dict also loads into the calibrated default model.
     """
     from anomalib_aand import Aand
 
     expected = (Path(__file__).parent / "fixtures" / fixture).read_text().split()
-    model = Aand(backbone="resnet18", pre_trained=False, stage1_epochs=stage1_epochs, stage2_epochs=1)
-    assert list(model.state_dict()) == expected
+    arguments = {"backbone": "resnet18", "pre_trained": False, "stage1_epochs": stage1_epochs, "stage2_epochs": 1}
+    plain = Aand(**arguments, map_calibration="none")
+    assert list(plain.state_dict()) == expected
+    Aand(**arguments).load_state_dict(plain.state_dict())
