@@ -34,6 +34,7 @@ from .components.calibration import (
     resolve_map_calibration,
 )
 from .components.checkpoints import (
+    CALIBRATION_PREFIX,
     check_checkpoint,
     check_checkpoint_file,
     check_finished,
@@ -360,7 +361,7 @@ class Aand(AnomalibModule):
         drop_synthesizer_state(checkpoint)
         trained = self.state_dict()  # before the calibration takes the checkpoint's shapes (and zeros)
         calibration = self.model.anomaly_map_generator.calibration
-        calibration.take_shapes(checkpoint.get("state_dict", {}), "model.anomaly_map_generator.calibration.")
+        calibration.take_shapes(checkpoint.get("state_dict", {}), CALIBRATION_PREFIX)
         check_checkpoint(checkpoint, self.state_dict(), self.hparams)
         if self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
             check_resumable(checkpoint, self.stage1_epochs)
