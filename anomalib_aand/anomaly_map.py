@@ -19,7 +19,9 @@ def without_autocast(device_type: str) -> AbstractContextManager:
 
 
 class AnomalyMapGenerator(nn.Module):
-    """Sum over scales of ``1 - cos`` (calibrated, see ``MapCalibration``), upsampled to the image, blurred (sigma 4).
+    """Sum over scales of ``1 - cos`` (calibrated, see ``MapCalibration``), upsampled, supported, blurred (sigma 4).
+
+    The calibration's support (where the training images showed the object) multiplies the sum before the blur.
 
     Computed in the module's own precision (float32 unless the model was converted), also under mixed precision,
     so that the thresholds and normalisation statistics that validation stores (and an export carries) come from
@@ -58,4 +60,4 @@ class AnomalyMapGenerator(nn.Module):
                 F.interpolate(distance, size=tuple(image_size), mode="bilinear", align_corners=True)
                 for distance in self.calibration(self.distances(targets, students))
             ]
-            return self.blur(torch.stack(upsampled).sum(dim=0))
+            return self.blur(self.calibration.restrict(torch.stack(upsampled).sum(dim=0)))

@@ -9,7 +9,7 @@ the epoch, so a checkpoint saved in either stage resumes in the right one.
 
 import logging
 import pickle
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +48,12 @@ from .components.data_checks import check_datamodule_once, check_pixel_depth, lo
 from .components.errors import AandInputError
 from .components.feature_cache import Stage2FeatureCache
 from .components.settings import check_export_size, check_hyperparameters, paper_defaults
-from .components.synthesis import AnomalySynthesizer, drop_synthesizer_state
+from .components.synthesis import (
+    AnomalySynthesizer,
+    ForegroundEstimator,
+    drop_synthesizer_state,
+    normalize_statistics,
+)
 from .components.teacher import load_teacher_weights, teacher_pre_processor
 from .int8 import accuracy_control_metric, check_calibration_data, quantize_openvino_ir
 from .loss import AmplificationLoss, DistillationLoss, NonFiniteLossGuard
@@ -107,6 +112,9 @@ class Aand(AnomalibModule):
             position; measured better than the plain sum on all three demo means), or ``"none"`` (the paper's plain
             sum); or a mapping of categories (and ``"default"``) to those, which the datamodule's ``category``
             decides. See ``components/calibration.py``.
+        map_foreground: With a map calibration, score only where the training images showed the object: the union of
+            their automatic foregrounds (``ForegroundEstimator``), measured with the calibration. Categories whose
+            images show no object on a background (textures) keep the whole image.
         pre_processor: anomalib pre-processor, or ``True`` for Resize(256) + Normalize (see ``normalization``).
         post_processor: anomalib post-processor, or ``True`` for the default.
         evaluator: anomalib evaluator, or ``True`` for image/pixel AUROC, F1 and AUPRO.
@@ -137,6 +145,7 @@ class Aand(AnomalibModule):
         cache_budget_gb: float = 4.0,
         normalization: Literal["imagenet", "teacher"] = "imagenet",
         map_calibration: CalibrationMode | dict[str, CalibrationMode] = "envelope",
+        map_foreground: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -172,6 +181,7 @@ class Aand(AnomalibModule):
             map_calibration=calibration_enabled(map_calibration),
         )
         self.map_calibration = map_calibration
+        self.map_foreground = map_foreground
         self.register_buffer("teacher_initialised", torch.tensor(data=False))
         self.synthesizer_arguments = {
             "probability": anomaly_probability,
@@ -321,16 +331,36 @@ class Aand(AnomalibModule):
             self.calibrate_map()
 
     def calibrate_map(self) -> None:
-        """Measure the map calibration (``map_calibration``) on the training images, each process on its share."""
+        """Measure the map calibration (``map_calibration``) and support on the training images, per process."""
         mode = resolve_map_calibration(self.map_calibration, self.trainer.datamodule)
-        self.model.anomaly_map_generator.calibration.measure(
+        calibration = self.model.anomaly_map_generator.calibration
+        if self.map_foreground:
+            calibration.measure_support(
+                self.training_foregrounds(), self.model.reductions[0], self.reduce_over_processes
+            )
+        calibration.measure(
             mode,
             (
                 self.model.distances(self.pre_processor.transform(batch.image.to(self.device)))
                 for batch in self.trainer.train_dataloader
             ),
-            reduce=lambda tensor, op: self.trainer.strategy.reduce(tensor, reduce_op=op),
+            reduce=self.reduce_over_processes,
         )
+
+    def reduce_over_processes(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """``tensor`` combined over the processes (``op``: ``"sum"`` or ``"max"``); itself in one process."""
+        return self.trainer.strategy.reduce(tensor, reduce_op=op)
+
+    def training_foregrounds(self) -> Iterator[torch.Tensor]:
+        """Automatic foreground masks of the pre-processed training images, at the size the model sees."""
+        estimator = ForegroundEstimator().to(self.device)
+        statistics = normalize_statistics(self.pre_processor)
+        for batch in self.trainer.train_dataloader:
+            images = self.pre_processor.transform(batch.image.to(self.device))
+            if statistics is not None:
+                mean, std = (value.to(images).view(1, -1, 1, 1) for value in statistics)
+                images = images * std + mean
+            yield estimator(images.clamp(0, 1))
 
     def configure_callbacks(self) -> Any:  # noqa: ANN401  (Lightning's own return type)
         """The callbacks of anomalib, after refusing a missing dataset folder (this runs before any download)."""

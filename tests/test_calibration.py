@@ -168,3 +168,109 @@ def test_plain_checkpoint_tests_in_a_calibrated_model_and_not_the_reverse(mvtec_
         torch.testing.assert_close(calibrated.eval()(images).anomaly_map, plain.anomaly_map)
     with pytest.raises(AandInputError, match="map_calibration: the checkpoint holds calibration statistics"):
         engine.test(tiny_aand(map_calibration="none"), datamodule=datamodule, ckpt_path=checkpoints["envelope"])
+
+
+def _object_masks(corners: list[tuple[int, int]], size: int = 32, side: int = 8) -> torch.Tensor:
+    """Foreground masks of an object (a square) at each of ``corners``."""
+    masks = torch.zeros(len(corners), 1, size, size)
+    for mask, (top, left) in zip(masks, corners, strict=True):
+        mask[:, top : top + side, left : left + side] = 1
+    return masks
+
+
+def test_support_is_the_union_of_the_training_foregrounds_cell_by_cell() -> None:
+    """Images showing the object add their cells; an image the estimator kept whole (no split) adds nothing."""
+    calibration = MapCalibration(enabled=True, num_scales=3)
+    masks = _object_masks([(0, 0), (4, 2)])
+    calibration.measure_support([masks, torch.ones(1, 1, 32, 32)], cell=4)
+    expected = torch.zeros(1, 1, 8, 8)
+    expected[..., 0:3, 0:3] = 1  # 4 x 4 cells with a foreground pixel: rows 0-7 x columns 0-7, rows 4-11 x 2-9
+    expected[..., 0, 2] = 0  # rows 0-3 x columns 8-11: neither pose
+    torch.testing.assert_close(calibration.support, expected)
+    restricted = calibration.restrict(torch.ones(2, 1, 32, 32))
+    assert float(restricted[0, 0, 2, 2]) == 1.0
+    assert float(restricted[:, :, 20:, :].amax()) == 0.0  # far from every training pose: nothing scores
+    fresh = MapCalibration(enabled=True, num_scales=3)
+    fresh.take_shapes(calibration.state_dict(), "")
+    fresh.load_state_dict(calibration.state_dict())
+    torch.testing.assert_close(fresh.support, expected)
+
+
+def test_without_objects_on_a_background_the_support_is_the_whole_image() -> None:
+    """Textures (never split) and a rare spurious split (under 10 % of the images) keep every position."""
+    maps = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(6))
+    for masks in (torch.ones(12, 1, 32, 32), torch.cat([torch.ones(11, 1, 32, 32), _object_masks([(0, 0)])])):
+        calibration = MapCalibration(enabled=True, num_scales=3)
+        calibration.measure_support([masks], cell=4)
+        assert calibration.support.shape == (1, 1, 1, 1)
+        assert torch.equal(calibration.restrict(maps), maps)
+
+
+def _write_objects(root: Path, size: int = 64) -> None:
+    """An MVTec-layout category ``parts``: a bright part on a dark, grainy table, always in the left half.
+
+    Normal test images add a dark blob on the table's right half, where no training image showed the part; the
+    defects are dark spots on the part.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = root / "parts"
+    for folder in ("train/good", "test/good", "test/spot", "ground_truth/spot"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+
+    def image() -> tuple[np.ndarray, tuple[int, int]]:
+        pixels = np.clip(0.15 + rng.normal(0, 0.05, (size, size, 3)), 0, 1)
+        top, left = int(rng.integers(8, 32)), int(rng.integers(4, 12))
+        pixels[top : top + 24, left : left + 16] = 0.9
+        return pixels, (top, left)
+
+    def save(pixels: np.ndarray, path: Path) -> None:
+        Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
+
+    for i in range(12):
+        save(image()[0], base / "train/good" / f"{i:03d}.png")
+    for i in range(3):
+        pixels, _ = image()
+        pixels[20:36, 44:60] = 0.6
+        save(pixels, base / "test/good" / f"{i:03d}.png")
+        pixels, (top, left) = image()
+        mask = np.zeros((size, size), np.uint8)
+        pixels[top + 8 : top + 16, left + 4 : left + 12] = 0.3
+        mask[top + 8 : top + 16, left + 4 : left + 12] = 255
+        save(pixels, base / "test/spot" / f"{i:03d}.png")
+        Image.fromarray(mask).save(base / "ground_truth/spot" / f"{i:03d}_mask.png")
+
+
+@pytest.mark.slow
+def test_fit_scores_objects_only_where_training_images_showed_them_and_export_keeps_it(tmp_path: Path) -> None:
+    """``map_foreground`` (default): the support comes from the training images' foregrounds, zeroes the map where
+    no training image showed the part, travels in the checkpoint and the ONNX graph (parity <= 1e-3)."""
+    import onnxruntime
+
+    _write_objects(tmp_path / "data")
+    datamodule = MVTecAD(root=tmp_path / "data", category="parts", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu", devices=1)
+    model = tiny_aand(pre_processor=Aand.configure_pre_processor((64, 64)))  # the estimator's blur needs 64 px
+    engine.fit(model, datamodule=datamodule)
+    support = model.model.anomaly_map_generator.calibration.support
+    assert support.shape == (1, 1, 16, 16)  # 64 px image, stride 4
+    assert float(support[..., :, 12:].amax()) == 0.0  # the right quarter: never the part
+    assert float(support[..., 8, 4]) == 1.0  # the left half's middle: the part in every pose
+    datamodule.setup()
+    model.eval()
+    images = next(iter(datamodule.test_dataloader())).image
+    unsupported = tiny_aand(map_foreground=False, pre_processor=Aand.configure_pre_processor((64, 64)))
+    unsupported.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("support")})
+    with torch.no_grad():
+        ours = model.model(model.pre_processor.transform(images)).anomaly_map
+        plain = unsupported.eval().model(model.pre_processor.transform(images)).anomaly_map
+        exported = model(images[:2])
+    assert float(ours[..., 56:].amax()) < 0.01 * float(plain[..., 56:].amax())  # the table beside the part: ~nothing
+    onnx_path = engine.export(model, ExportType.ONNX, export_root=tmp_path / "export")
+    session = onnxruntime.InferenceSession(str(onnx_path))
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images[:2].numpy()}), strict=True))
+    np.testing.assert_allclose(outputs["anomaly_map"], exported.anomaly_map.numpy(), atol=1e-3)
+    reloaded = Aand.load_from_checkpoint(engine.trainer.checkpoint_callback.best_model_path, map_location="cpu")
+    torch.testing.assert_close(reloaded.model.anomaly_map_generator.calibration.support, support)

@@ -14,6 +14,12 @@ training images and scores, per scale, before adding the scales:
 Every mode is the same computation, ``max((distance - offset) / spread, floor)``, with buffers that the checkpoint
 and the exported graph carry. A model whose checkpoint holds none (written without calibration) scores the plain
 distances. The mode can differ by category (``resolve_map_calibration``), as the foreground choice does.
+
+The calibration also holds the map's support (``measure_support``): where the training images showed the object.
+On objects photographed on a plain background, the union of the training images' automatic foregrounds (every pose
+the line produced, each position counted by its finest feature cell) bounds where a defect can be; the map is
+multiplied by it, so the background's grain (which no student predicts) cannot outscore a defect. Where too few
+training images show an object on a background (textures), the support is the whole image.
 """
 
 import logging
@@ -31,6 +37,7 @@ logger = logging.getLogger(__name__)
 CalibrationMode = Literal["none", "scale", "position", "envelope"]
 MODES = ("none", "scale", "position", "envelope")
 NO_FLOOR = torch.finfo(torch.float32).min
+MIN_OBJECT_SHARE = 0.1  # share of training images that must show an object on a background for a support
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 
 
@@ -89,14 +96,17 @@ class MapCalibration(nn.Module):
             self.register_buffer(f"offset{index}", torch.zeros(1, 1, 1, 1))
             self.register_buffer(f"spread{index}", torch.ones(1, 1, 1, 1))
             self.register_buffer(f"floor{index}", torch.full((1, 1, 1, 1), NO_FLOOR))
+        if enabled:
+            self.register_buffer("support", torch.ones(1, 1, 1, 1))
 
     def take_shapes(self, state_dict: Mapping[str, torch.Tensor], prefix: str) -> None:
-        """Give each offset the shape of ``state_dict``'s (a per-position offset has its map's size), to load it."""
-        for index in range(self.num_scales if self.enabled else 0):
-            stored = state_dict.get(f"{prefix}offset{index}")
-            current = getattr(self, f"offset{index}")
+        """Give each offset and the support the shape of ``state_dict``'s (per position: its map's size), to load it."""
+        names = [f"offset{index}" for index in range(self.num_scales)] + ["support"] if self.enabled else []
+        for name in names:
+            stored = state_dict.get(f"{prefix}{name}")
+            current = getattr(self, name)
             if isinstance(stored, torch.Tensor) and stored.dim() == current.dim() and stored.shape[:2] == (1, 1):
-                setattr(self, f"offset{index}", current.new_zeros(stored.shape))
+                setattr(self, name, current.new_zeros(stored.shape))
 
     def statistics(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(offset, spread, floor)`` of each scale, shallow to deep."""
@@ -113,6 +123,52 @@ class MapCalibration(nn.Module):
             torch.maximum((distance - _resized(offset, distance.shape[-2:])) / spread, floor)
             for distance, (offset, spread, floor) in zip(distances, self.statistics(), strict=True)
         ]
+
+    def restrict(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """``anomaly_map`` ``(B, 1, H, W)`` times the support, resized to it (bilinear); unchanged without a support."""
+        if not self.enabled or self.support.shape[-2:] == (1, 1):
+            return anomaly_map
+        size = anomaly_map.shape[-2:]
+        return anomaly_map * F.interpolate(self.support, size=size, mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def measure_support(self, foregrounds: Iterable[torch.Tensor], cell: int, reduce: Reduce | None = None) -> None:
+        """Set the support from the training images' ``(B, 1, H, W)`` foreground masks (``ForegroundEstimator``).
+
+        An image shows an object when its mask has background. With at least ``MIN_OBJECT_SHARE`` of the images
+        showing one, the support is the union of their masks, a position counting when any pixel of its
+        ``cell`` x ``cell`` cell (the finest feature stride) was foreground; otherwise the whole image.
+        """
+        if not self.enabled:
+            return
+        reduce = reduce or _this_process
+        union: torch.Tensor | None = None
+        objects = 0
+        count = 0
+        for masks in foregrounds:
+            cells = F.max_pool2d(masks.float(), kernel_size=cell, stride=cell, ceil_mode=True)
+            shows_object = masks.flatten(1).amin(dim=1) < 0.5
+            union = torch.zeros_like(cells[:1]) if union is None else union
+            union = torch.cat([union, cells[shows_object]]).amax(dim=0, keepdim=True)
+            objects += int(shows_object.sum())
+            count += len(masks)
+        support = torch.ones(1, 1, 1, 1, device=self.support.device)
+        if union is not None:
+            totals = reduce(torch.tensor([objects, count], dtype=torch.float64, device=union.device), "sum")
+            union = reduce(union, "max")
+            share = float(totals[0] / totals[1].clamp_min(1))
+            if share >= MIN_OBJECT_SHARE:
+                support = union
+            logger.info(
+                "Map support: %d of %d training images show an object on a background; scoring %s.",
+                int(totals[0]),
+                int(totals[1]),
+                f"{float(support.mean()):.0%} of the image, where they showed it"
+                if support.numel() > 1
+                else "the whole image",
+            )
+        with torch.inference_mode(mode=False):
+            self.support = support.float().clone()
 
     @torch.no_grad()
     def measure(

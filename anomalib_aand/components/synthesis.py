@@ -219,6 +219,15 @@ def procedural_texture_bank() -> Path:
     return write_texture_bank(folder)
 
 
+def normalize_statistics(pre_processor: object) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(mean, std)`` of ``pre_processor``'s Normalize as ``(3,)`` tensors; ``None`` when it has none."""
+    transform = getattr(pre_processor, "transform", None)
+    normalize = extract_transforms_by_type(transform, Normalize) if transform is not None else []
+    if not normalize:
+        return None
+    return torch.tensor(normalize[0].mean), torch.tensor(normalize[0].std)
+
+
 class AnomalySynthesizer(nn.Module):
     """Add synthetic anomalies to a normalised batch.
 
@@ -262,10 +271,9 @@ class AnomalySynthesizer(nn.Module):
         A ``foreground_mask`` list of categories is resolved against ``datamodule`` (``resolve_foreground_mask``).
         """
         kwargs["foreground_mask"] = resolve_foreground_mask(kwargs.get("foreground_mask", False), datamodule)
-        transform = getattr(pre_processor, "transform", None)
-        normalize = extract_transforms_by_type(transform, Normalize) if transform is not None else []
-        if normalize:
-            kwargs |= {"mean": torch.tensor(normalize[0].mean), "std": torch.tensor(normalize[0].std)}
+        statistics = normalize_statistics(pre_processor)
+        if statistics is not None:
+            kwargs |= {"mean": statistics[0], "std": statistics[1]}
         return cls(**kwargs)
 
     @torch.no_grad()
