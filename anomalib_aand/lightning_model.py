@@ -47,14 +47,20 @@ from .components.checkpoints import (
 from .components.data_checks import check_datamodule_once, check_pixel_depth, loader_image_paths
 from .components.errors import AandInputError
 from .components.feature_cache import Stage2FeatureCache
-from .components.settings import check_export_size, check_hyperparameters, paper_defaults
+from .components.settings import category_choice, check_export_size, check_hyperparameters, paper_defaults
 from .components.synthesis import (
     AnomalySynthesizer,
     ForegroundEstimator,
     drop_synthesizer_state,
     normalize_statistics,
 )
-from .components.teacher import load_teacher_weights, teacher_pre_processor
+from .components.teacher import (
+    check_normalization,
+    load_teacher_weights,
+    pre_processor_normalization,
+    teacher_input_adapter,
+    teacher_pre_processor,
+)
 from .int8 import accuracy_control_metric, check_calibration_data, quantize_openvino_ir
 from .loss import AmplificationLoss, DistillationLoss, NonFiniteLossGuard
 from .torch_model import AandModel
@@ -103,9 +109,11 @@ class Aand(AnomalibModule):
             (checked); ``False`` recomputes them every step.
         cache_budget_gb: Host memory the stage-2 feature caches of all processes on a machine may take; above it stage 2
             runs uncached. On a GPU the cache goes to device memory first when it fits beside training (measured).
-        normalization: Mean/std of the default pre-processor: ``"imagenet"`` (anomalib's default) or
-            ``"teacher"`` (those the teacher's weights were trained with, timm's ``pretrained_cfg``).
-            A given pre-processor is used as it is.
+        normalization: Mean/std the teacher sees: ``"imagenet"`` (anomalib's default) or ``"teacher"`` (those the
+            teacher's weights were trained with, timm's ``pretrained_cfg``), set in the default pre-processor; or a
+            mapping of categories (and ``"default"``) to those, which the datamodule's ``category`` decides when
+            training starts: the pre-processor keeps the default's and the model re-normalises the teacher's input.
+            A given pre-processor is used as it is (a mapping then re-normalises from its Normalize).
         map_calibration: Score each scale's distance against its level on the normal training images, measured
             after the last epoch: ``"scale"`` (one mean and spread per scale), ``"position"`` (a mean per position,
             for aligned objects), ``"envelope"`` (the default: only what exceeds the largest normal distance at the
@@ -143,7 +151,7 @@ class Aand(AnomalibModule):
         foreground_mask: bool | list[str] = False,
         cache_features: bool = True,
         cache_budget_gb: float = 4.0,
-        normalization: Literal["imagenet", "teacher"] = "imagenet",
+        normalization: Literal["imagenet", "teacher"] | dict[str, Literal["imagenet", "teacher"]] = "imagenet",
         map_calibration: CalibrationMode | dict[str, CalibrationMode] = "envelope",
         map_foreground: bool = True,
         pre_processor: PreProcessor | bool = True,
@@ -151,6 +159,7 @@ class Aand(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        check_normalization(normalization)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(backbone=backbone, normalization=normalization)
         super().__init__(
@@ -179,7 +188,9 @@ class Aand(AnomalibModule):
             gate_temperature,
             amplification=stage1_epochs > 0,
             map_calibration=calibration_enabled(map_calibration),
+            teacher_input=not isinstance(normalization, str),
         )
+        self.normalization = normalization
         self.map_calibration = map_calibration
         self.map_foreground = map_foreground
         self.register_buffer("teacher_initialised", torch.tensor(data=False))
@@ -197,7 +208,7 @@ class Aand(AnomalibModule):
         cls,
         image_size: tuple[int, int] | None = None,
         backbone: str | None = None,
-        normalization: Literal["imagenet", "teacher"] | None = None,
+        normalization: Literal["imagenet", "teacher"] | dict[str, Literal["imagenet", "teacher"]] | None = None,
     ) -> PreProcessor:
         """Resize (256 by default) + Normalize, as anomalib's default, with ImageNet's or the teacher's mean/std.
 
@@ -207,7 +218,7 @@ class Aand(AnomalibModule):
         return teacher_pre_processor(
             super().configure_pre_processor(image_size),
             backbone or defaults["backbone"],
-            normalization or defaults["normalization"],
+            pre_processor_normalization(normalization or defaults["normalization"]),
         )
 
     @property
@@ -283,6 +294,11 @@ class Aand(AnomalibModule):
             load_teacher_weights(self.model.teacher, self.model.backbone, self.backbone_weights)
         else:
             logger.warning("pre_trained=False: the %s teacher keeps random weights.", self.model.backbone)
+        if self.model.teacher_input:
+            choice = category_choice(self.normalization, self.trainer.datamodule, "imagenet", "normalization")
+            statistics = normalize_statistics(self.pre_processor)
+            scale, shift = teacher_input_adapter(statistics, self.model.backbone, choice)
+            self.model.set_teacher_input(scale, shift)
         self.teacher_initialised.fill_(value=True)
 
     def on_train_start(self) -> None:

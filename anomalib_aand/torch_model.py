@@ -34,6 +34,8 @@ class AandModel(nn.Module):
         amplification: Build the RAA modules. Without them the student distils the plain teacher
             features (the paper's "no amplification" ablation, ``stage1_epochs=0``).
         map_calibration: Hold a ``MapCalibration`` of the anomaly map (without one: the paper's plain sum).
+        teacher_input: Hold a per-channel ``scale`` and ``shift`` applied to the images before the teacher
+            (``set_teacher_input``), for a normalisation chosen per category after the pre-processor was built.
 
     ``tiler`` (set by anomalib's ``TilerConfigurationCallback``, as for its ReverseDistillation) makes the forward
     run the network on tiles of each image and join their features before the anomaly map is computed.
@@ -47,6 +49,7 @@ class AandModel(nn.Module):
         gate_temperature: float,
         amplification: bool = True,
         map_calibration: bool = False,
+        teacher_input: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -64,6 +67,15 @@ class AandModel(nn.Module):
             sigma=4.0, calibration=map_calibration, num_scales=len(self.channels)
         )
         self.tiler: Tiler | None = None
+        self.teacher_input = teacher_input
+        if teacher_input:
+            self.register_buffer("teacher_input_scale", torch.ones(1, 3, 1, 1))
+            self.register_buffer("teacher_input_shift", torch.zeros(1, 3, 1, 1))
+
+    def set_teacher_input(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """The teacher sees ``images * scale + shift`` (``(3,)`` each); needs ``teacher_input``."""
+        self.teacher_input_scale.copy_(scale.view(1, -1, 1, 1))
+        self.teacher_input_shift.copy_(shift.view(1, -1, 1, 1))
 
     @property
     def stride(self) -> int:
@@ -112,6 +124,8 @@ class AandModel(nn.Module):
 
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Frozen teacher features ``F_s``, shallow to deep."""
+        if self.teacher_input:
+            images = images * self.teacher_input_scale + self.teacher_input_shift
         return list(self.teacher(images).values())
 
     def amplify(

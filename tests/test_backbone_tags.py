@@ -136,3 +136,44 @@ def test_a_given_pre_processor_is_left_alone() -> None:
 def test_unknown_normalization_is_refused() -> None:
     with pytest.raises(ValueError, match="normalization must be 'imagenet' or 'teacher'"):
         Aand(backbone="resnet18", normalization="tf")
+    with pytest.raises(ValueError, match="normalization must be 'imagenet' or 'teacher', or a mapping"):
+        Aand(backbone="resnet18", normalization={"grass": "tf"})
+
+
+@pytest.mark.slow
+def test_normalization_per_category_re_normalises_the_teacher_input_for_its_category(
+    mvtec_root: Path, tmp_path: Path
+) -> None:
+    """A mapping keeps the pre-processor's ImageNet statistics; when training starts, the datamodule's category
+    chooses: ``teacher`` makes the teacher see Lite0's 0.5 / 0.5 normalisation, another category the pre-processor's.
+    The choice travels in the checkpoint; a plain model refuses it, naming the setting."""
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from conftest import tiny_aand
+
+    from anomalib_aand.components.errors import AandInputError
+
+    datamodule = MVTecAD(root=mvtec_root, category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    imagenet = (images - torch.tensor(IMAGENET[0]).view(1, 3, 1, 1)) / torch.tensor(IMAGENET[1]).view(1, 3, 1, 1)
+    checkpoints = {}
+    for setting, expected in (
+        ({"toy": "teacher", "default": "imagenet"}, (images - 0.5) / 0.5),
+        ({"x": "teacher"}, imagenet),
+    ):
+        model = tiny_aand(backbone="tf_efficientnet_lite0", layers=LITE0_LAYERS, normalization=setting)
+        assert tuple(_normalize(model).mean) == IMAGENET[0]
+        engine = Engine(default_root_dir=tmp_path / str(len(checkpoints)), logger=False, enable_progress_bar=False)
+        engine.fit(model, datamodule=datamodule)
+        checkpoints[len(checkpoints)] = engine.trainer.checkpoint_callback.best_model_path
+        model.eval()
+        with torch.no_grad():
+            seen = model.model.extract(imagenet)
+            wanted = list(model.model.teacher(expected).values())
+        for ours, theirs in zip(seen, wanted, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    reloaded = Aand.load_from_checkpoint(checkpoints[0], map_location="cpu")
+    torch.testing.assert_close(reloaded.model.teacher_input_scale.flatten(), torch.tensor(IMAGENET[1]) / 0.5)
+    plain = tiny_aand(backbone="tf_efficientnet_lite0", layers=LITE0_LAYERS)
+    with pytest.raises(AandInputError, match="normalization per category: checkpoint True, this model False"):
+        Engine(default_root_dir=tmp_path, logger=False).test(plain, datamodule=datamodule, ckpt_path=checkpoints[0])

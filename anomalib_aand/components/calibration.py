@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from .errors import AandInputError
+from .settings import category_choice
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +73,7 @@ def resolve_map_calibration(setting: str | Mapping[str, str], datamodule: object
     A mapping lets one config carry a per-category choice (aligned objects by position, textures by scale) that
     ``--data.category`` selects.
     """
-    if isinstance(setting, str):
-        return setting
-    category = getattr(datamodule, "category", None) or getattr(datamodule, "name", None)
-    mode = setting.get(str(category), setting.get("default", "none"))
-    logger.info("Category %r: map calibration %r.", category, mode)
-    return mode
+    return category_choice(setting, datamodule, "none", "map calibration")
 
 
 class MapCalibration(nn.Module):

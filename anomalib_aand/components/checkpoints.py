@@ -117,6 +117,7 @@ def _shape_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
         settings["layers"] = list(settings["layers"])
     if "stage1_epochs" in hparams:
         settings["amplification (stage1_epochs > 0)"] = hparams["stage1_epochs"] > 0
+    settings["normalization per category"] = isinstance(hparams.get("normalization"), Mapping)
     return settings
 
 

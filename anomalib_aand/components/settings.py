@@ -70,6 +70,20 @@ VALID_RANGES = {
 }
 
 
+def category_choice(setting: str | Mapping[str, str], datamodule: object, fallback: str, name: str) -> str:
+    """``setting`` itself, or its entry for ``datamodule``'s category (else its ``"default"``, else ``fallback``).
+
+    A mapping lets one config carry a per-category choice that ``--data.category`` selects; ``name`` (the
+    argument's) goes into the log line that reports the choice.
+    """
+    if isinstance(setting, str):
+        return setting
+    category = getattr(datamodule, "category", None) or getattr(datamodule, "name", None)
+    choice = setting.get(str(category), setting.get("default", fallback))
+    logger.info("Category %r: %s %r.", category, name, choice)
+    return choice
+
+
 def paper_defaults(model_class: type) -> dict[str, Any]:
     """The defaults of ``model_class``'s constructor (for ``Aand``: the paper's values), by argument name."""
     parameters = inspect.signature(model_class).parameters.values()

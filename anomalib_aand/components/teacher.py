@@ -12,7 +12,7 @@ the architecture, the student and the checkpoint's tensors depend on the name wi
 import importlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import timm
@@ -23,6 +23,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize
+
+from .errors import AandInputError
 
 logger = logging.getLogger(__name__)
 
@@ -227,11 +229,46 @@ def load_teacher_weights(
     return source
 
 
+NORMALIZATIONS = ("imagenet", "teacher")
+
+
+def check_normalization(setting: str | Mapping[str, str]) -> None:
+    """Refuse a normalisation, or a per-category mapping of them, other than ``"imagenet"`` and ``"teacher"``."""
+    choices = [setting] if isinstance(setting, str) else list(setting.values())
+    if not choices or any(choice not in NORMALIZATIONS for choice in choices):
+        msg = (
+            f"normalization must be 'imagenet' or 'teacher', or a mapping of categories (and 'default') to those, "
+            f"got {setting!r}."
+        )
+        raise AandInputError(msg)
+
+
+def pre_processor_normalization(setting: str | Mapping[str, str]) -> str:
+    """The default pre-processor's normalisation: ``setting``, or a mapping's ``"default"`` (else ``"imagenet"``).
+
+    With a mapping, the model re-normalises the teacher's input per category (``AandModel.set_teacher_input``).
+    """
+    return setting if isinstance(setting, str) else setting.get("default", "imagenet")
+
+
+def teacher_input_adapter(
+    pre_processor_statistics: tuple[torch.Tensor, torch.Tensor] | None, backbone: str, normalization: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` that turn images normalised by the pre-processor into the teacher's ``normalization``.
+
+    ``"imagenet"`` keeps the pre-processor's normalisation (the identity); ``"teacher"`` maps to the mean/std the
+    teacher's weights were trained with. ``pre_processor_statistics``: the pre-processor's Normalize, if any.
+    """
+    mean, std = pre_processor_statistics or (torch.zeros(3), torch.ones(3))
+    if normalization == "imagenet":
+        return torch.ones(3), torch.zeros(3)
+    target_mean, target_std = (torch.tensor(value) for value in teacher_normalization(backbone))
+    return std / target_std, (mean - target_mean) / target_std
+
+
 def teacher_pre_processor(pre_processor: PreProcessor, backbone: str, normalization: str) -> PreProcessor:
     """``pre_processor`` as it is for ``"imagenet"``; for ``"teacher"``, its Normalize set to the teacher's mean/std."""
-    if normalization not in {"imagenet", "teacher"}:
-        msg = f"normalization must be 'imagenet' or 'teacher', got {normalization!r}."
-        raise ValueError(msg)
+    check_normalization(normalization)
     if normalization == "imagenet":
         return pre_processor
     mean, std = teacher_normalization(backbone)
