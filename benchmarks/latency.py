@@ -149,6 +149,9 @@ def measure(
         images = [torch.rand(2, 3, SIZE, SIZE) for _ in range(2)]
         distances = (model.model.distances(i) for i in images)
         model.model.anomaly_map_generator.calibration.measure(args.map_calibration, distances)
+        objects = torch.zeros(2, 1, SIZE, SIZE)  # an object's foreground: the map support at its trained shape
+        objects[..., SIZE // 4 : -SIZE // 4, SIZE // 4 : -SIZE // 4] = 1
+        model.model.anomaly_map_generator.calibration.measure_support([objects], model.model.reductions[0])
     # An untrained model's normalisation statistics are NaN, which INT8 compilation rejects: set finite ones.
     for name, value in (
         ("_image_threshold", 0.5),
