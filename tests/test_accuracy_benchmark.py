@@ -61,6 +61,8 @@ def test_ablations_are_configured_as_the_paper_says(accuracy) -> None:
     assert (rd.stage1_epochs, rd.distillation_loss.kind, rd.model.raa) == (0, "cosine", None)
     assert (hkd.stage1_epochs, hkd.distillation_loss.kind, hkd.model.raa) == (0, "hkd", None)
     assert aand.stage2_epochs == rd.stage2_epochs == hkd.stage2_epochs == 3
+    assert aand.normalization == {"grass": "teacher", "gravel": "teacher", "default": "imagenet"}  # demo.yaml's
+    assert rd.normalization == hkd.normalization == "imagenet"
 
 
 def test_report_rows_means_resume_and_provenance(accuracy, common, tmp_path: Path) -> None:
