@@ -287,7 +287,7 @@ class Aand(AnomalibModule):
 
     # --------------------------------------------------------------------------------- hooks
     def on_fit_start(self) -> None:
-        """Load the teacher's ImageNet weights once; a resumed or loaded model already has them."""
+        """Load the teacher's ImageNet weights and set a per-category normalisation once; a loaded model has both."""
         if bool(self.teacher_initialised):
             return
         if self.pre_trained:
