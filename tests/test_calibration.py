@@ -181,11 +181,11 @@ def _object_masks(corners: list[tuple[int, int]], size: int = 32, side: int = 8)
 def test_support_is_the_union_of_the_training_foregrounds_cell_by_cell() -> None:
     """Images showing the object add their cells; an image the estimator kept whole (no split) adds nothing."""
     calibration = MapCalibration(enabled=True, num_scales=3)
-    masks = _object_masks([(0, 0), (4, 2)])
+    masks = _object_masks([(1, 1), (6, 12)])
     calibration.measure_support([masks, torch.ones(1, 1, 32, 32)], cell=4)
     expected = torch.zeros(1, 1, 8, 8)
-    expected[..., 0:3, 0:3] = 1  # 4 x 4 cells with a foreground pixel: rows 0-7 x columns 0-7, rows 4-11 x 2-9
-    expected[..., 0, 2] = 0  # rows 0-3 x columns 8-11: neither pose
+    expected[..., 0:3, 0:3] = 1  # 4 x 4 cells with a foreground pixel of rows 1-8 x columns 1-8
+    expected[..., 1:4, 3:5] = 1  # and of rows 6-13 x columns 12-19
     torch.testing.assert_close(calibration.support, expected)
     restricted = calibration.restrict(torch.ones(2, 1, 32, 32))
     assert float(restricted[0, 0, 2, 2]) == 1.0
@@ -194,6 +194,23 @@ def test_support_is_the_union_of_the_training_foregrounds_cell_by_cell() -> None
     fresh.take_shapes(calibration.state_dict(), "")
     fresh.load_state_dict(calibration.state_dict())
     torch.testing.assert_close(fresh.support, expected)
+
+
+def test_support_leaves_out_foreground_touching_the_image_border() -> None:
+    """Dark vignetted corners pass the estimator's threshold beside the object: only the object inside the frame
+    counts. An image whose foreground all touches the border (an object cut by the frame) adds nothing."""
+    masks = _object_masks([(12, 12)] * 2)
+    masks[..., :6, :6] = 1  # a dark corner
+    masks[0, :, 26:, 28:] = 1  # another, reaching inwards
+    cut = _object_masks([(20, 0)])
+    calibration = MapCalibration(enabled=True, num_scales=3)
+    calibration.measure_support([masks, cut], cell=4)
+    expected = torch.zeros(1, 1, 8, 8)
+    expected[..., 3:5, 3:5] = 1  # rows and columns 12-19 only
+    torch.testing.assert_close(calibration.support, expected)
+    alone = MapCalibration(enabled=True, num_scales=3)
+    alone.measure_support([cut.expand(4, -1, -1, -1)], cell=4)
+    assert alone.support.shape == (1, 1, 1, 1)  # no image shows an object inside the frame: the whole image
 
 
 def test_without_objects_on_a_background_the_support_is_the_whole_image() -> None:

@@ -18,8 +18,10 @@ distances. The mode can differ by category (``resolve_map_calibration``), as the
 The calibration also holds the map's support (``measure_support``): where the training images showed the object.
 On objects photographed on a plain background, the union of the training images' automatic foregrounds (every pose
 the line produced, each position counted by its finest feature cell) bounds where a defect can be; the map is
-multiplied by it, so the background's grain (which no student predicts) cannot outscore a defect. Where too few
-training images show an object on a background (textures), the support is the whole image.
+multiplied by it, so the background's grain (which no student predicts) cannot outscore a defect. Only foreground
+inside the frame counts: what touches the image border (vignetted corners, shadows at the edges) is background.
+Where too few training images show an object inside the frame (textures, objects cut by the border), the support is
+the whole image.
 """
 
 import logging
@@ -39,6 +41,7 @@ CalibrationMode = Literal["none", "scale", "position", "envelope"]
 MODES = ("none", "scale", "position", "envelope")
 NO_FLOOR = torch.finfo(torch.float32).min
 MIN_OBJECT_SHARE = 0.1  # share of training images that must show an object on a background for a support
+MIN_INSIDE_SHARE = 0.01  # share of an image its foreground inside the frame must cover to show an object
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
 
 
@@ -53,6 +56,18 @@ def _resized(offset: torch.Tensor, size: torch.Size) -> torch.Tensor:
     if offset.shape[-2:] in {(1, 1), size}:
         return offset
     return F.interpolate(offset, size=size, mode="bilinear", align_corners=True)
+
+
+def inside_the_frame(masks: torch.Tensor) -> torch.Tensor:
+    """The foreground of ``(B, 1, H, W)`` 0/1 masks that is not connected (8 neighbours) to the image border."""
+    border = torch.ones_like(masks)
+    border[..., 1:-1, 1:-1] = 0
+    reached = masks * border
+    grown = F.max_pool2d(reached, kernel_size=3, stride=1, padding=1) * masks
+    while not torch.equal(grown, reached):
+        reached = grown
+        grown = F.max_pool2d(reached, kernel_size=3, stride=1, padding=1) * masks
+    return masks - reached
 
 
 def check_map_calibration(setting: str | Mapping[str, str]) -> None:
@@ -131,9 +146,10 @@ class MapCalibration(nn.Module):
     def measure_support(self, foregrounds: Iterable[torch.Tensor], cell: int, reduce: Reduce | None = None) -> None:
         """Set the support from the training images' ``(B, 1, H, W)`` foreground masks (``ForegroundEstimator``).
 
-        An image shows an object when its mask has background. With at least ``MIN_OBJECT_SHARE`` of the images
-        showing one, the support is the union of their masks, a position counting when any pixel of its
-        ``cell`` x ``cell`` cell (the finest feature stride) was foreground; otherwise the whole image.
+        An image shows an object when its foreground inside the frame (``inside_the_frame``: foreground touching
+        the border is background) covers at least ``MIN_INSIDE_SHARE`` of it. With at least ``MIN_OBJECT_SHARE`` of
+        the images showing one, the support is the union of those foregrounds, a position counting when any pixel of
+        its ``cell`` x ``cell`` cell (the finest feature stride) was foreground; otherwise the whole image.
         """
         if not self.enabled:
             return
@@ -142,8 +158,9 @@ class MapCalibration(nn.Module):
         objects = 0
         count = 0
         for masks in foregrounds:
-            cells = F.max_pool2d(masks.float(), kernel_size=cell, stride=cell, ceil_mode=True)
-            shows_object = masks.flatten(1).amin(dim=1) < 0.5
+            inside = inside_the_frame(masks.float())
+            cells = F.max_pool2d(inside, kernel_size=cell, stride=cell, ceil_mode=True)
+            shows_object = inside.flatten(1).mean(dim=1) >= MIN_INSIDE_SHARE
             union = torch.zeros_like(cells[:1]) if union is None else union
             union = torch.cat([union, cells[shows_object]]).amax(dim=0, keepdim=True)
             objects += int(shows_object.sum())
@@ -156,7 +173,7 @@ class MapCalibration(nn.Module):
             if share >= MIN_OBJECT_SHARE:
                 support = union
             logger.info(
-                "Map support: %d of %d training images show an object on a background; scoring %s.",
+                "Map support: %d of %d training images show an object inside the frame; scoring %s.",
                 int(totals[0]),
                 int(totals[1]),
                 f"{float(support.mean()):.0%} of the image, where they showed it"
