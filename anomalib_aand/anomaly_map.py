@@ -2,6 +2,7 @@
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -18,8 +19,13 @@ def without_autocast(device_type: str) -> AbstractContextManager:
     return nullcontext()
 
 
+def gaussian_blur(sigma: float) -> GaussianBlur2d:
+    """A one-channel ``GaussianBlur2d`` with the paper's kernel size for ``sigma``: ``2 * int(4 * sigma + 0.5) + 1``."""
+    return GaussianBlur2d(sigma=sigma, channels=1, kernel_size=2 * int(4.0 * sigma + 0.5) + 1)
+
+
 class AnomalyMapGenerator(nn.Module):
-    """Sum over scales of ``1 - cos`` (calibrated, see ``MapCalibration``), upsampled, supported, blurred (sigma 4).
+    """Sum over scales of ``1 - cos`` (calibrated, see ``MapCalibration``), upsampled, supported, blurred.
 
     The calibration's support (where the training images showed the object) multiplies the sum before the blur.
 
@@ -27,17 +33,37 @@ class AnomalyMapGenerator(nn.Module):
     so that the thresholds and normalisation statistics that validation stores (and an export carries) come from
     full-precision maps.
 
+    The blur's kernel is a buffer: the checkpoint and the exported graph carry it, and a checkpoint's kernel is
+    taken at its saved size (``set_sigma`` chose it per category when that model trained).
+
     Args:
-        sigma: Standard deviation of the Gaussian blur.
+        sigma: Standard deviation of the Gaussian blur in pixels (the paper: 4).
         calibration: Hold a ``MapCalibration``'s statistics.
         num_scales: Scales of the model (for the calibration's statistics).
     """
 
     def __init__(self, sigma: float = 4.0, calibration: bool = False, num_scales: int = 3) -> None:
         super().__init__()
-        kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
-        self.blur = GaussianBlur2d(sigma=sigma, channels=1, kernel_size=kernel_size)
+        self.blur = gaussian_blur(sigma)
         self.calibration = MapCalibration(calibration, num_scales)
+
+    @property
+    def blur_radius(self) -> int:
+        """Pixels the blur reaches on each side; the map's sides must exceed it (reflected borders)."""
+        return self.blur.kernel.shape[-1] // 2
+
+    def set_sigma(self, sigma: float) -> None:
+        """Blur with ``sigma`` from now on (the kernel moves to the current one's device and dtype)."""
+        kernel = self.blur.kernel
+        self.blur = gaussian_blur(sigma).to(device=kernel.device, dtype=kernel.dtype)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:  # noqa: ANN401
+        """Take the saved blur kernel at its size (a per-category sigma may differ from the constructor's)."""
+        saved = state_dict.get(f"{prefix}blur.kernel")
+        if isinstance(saved, torch.Tensor) and saved.shape != self.blur.kernel.shape:
+            blur = GaussianBlur2d(sigma=1.0, channels=1, kernel_size=tuple(saved.shape[-2:]))
+            self.blur = blur.to(self.blur.kernel.device)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def distances(self, targets: Sequence[torch.Tensor], students: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each scale's ``(B, 1, h, w)`` map of ``1 - cos`` between target and student features, in the module dtype."""

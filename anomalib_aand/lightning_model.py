@@ -9,7 +9,7 @@ the epoch, so a checkpoint saved in either stage resumes in the right one.
 
 import logging
 import pickle
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,8 +121,11 @@ class Aand(AnomalibModule):
             sum); or a mapping of categories (and ``"default"``) to those, which the datamodule's ``category``
             decides. See ``components/calibration.py``.
         map_foreground: With a map calibration, score only where the training images showed the object: the union of
-            their automatic foregrounds (``ForegroundEstimator``), measured with the calibration. Categories whose
-            images show no object on a background (textures) keep the whole image.
+            their automatic foregrounds (``ForegroundEstimator``) inside the frame, measured with the calibration.
+            Categories whose images show no object inside the frame (textures) keep the whole image.
+        map_sigma: Standard deviation in pixels of the anomaly map's Gaussian blur (the paper: 4); or a mapping of
+            categories (and ``"default"``) to those, which the datamodule's ``category`` decides when training
+            starts. The kernel travels in the checkpoint and the exported graph.
         pre_processor: anomalib pre-processor, or ``True`` for Resize(256) + Normalize (see ``normalization``).
         post_processor: anomalib post-processor, or ``True`` for the default.
         evaluator: anomalib evaluator, or ``True`` for image/pixel AUROC, F1 and AUPRO.
@@ -154,6 +157,7 @@ class Aand(AnomalibModule):
         normalization: Literal["imagenet", "teacher"] | dict[str, Literal["imagenet", "teacher"]] = "imagenet",
         map_calibration: CalibrationMode | dict[str, CalibrationMode] = "envelope",
         map_foreground: bool = True,
+        map_sigma: float | dict[str, float] = 4.0,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -189,10 +193,12 @@ class Aand(AnomalibModule):
             amplification=stage1_epochs > 0,
             map_calibration=calibration_enabled(map_calibration),
             teacher_input=not isinstance(normalization, str),
+            map_sigma=map_sigma.get("default", 4.0) if isinstance(map_sigma, Mapping) else map_sigma,
         )
         self.normalization = normalization
         self.map_calibration = map_calibration
         self.map_foreground = map_foreground
+        self.map_sigma = map_sigma
         self.register_buffer("teacher_initialised", torch.tensor(data=False))
         self.synthesizer_arguments = {
             "probability": anomaly_probability,
@@ -287,7 +293,7 @@ class Aand(AnomalibModule):
 
     # --------------------------------------------------------------------------------- hooks
     def on_fit_start(self) -> None:
-        """Load the teacher's ImageNet weights and set a per-category normalisation once; a loaded model has both."""
+        """Load the teacher's weights, set a per-category normalisation and map blur once; a loaded model has them."""
         if bool(self.teacher_initialised):
             return
         if self.pre_trained:
@@ -299,6 +305,10 @@ class Aand(AnomalibModule):
             statistics = normalize_statistics(self.pre_processor)
             scale, shift = teacher_input_adapter(statistics, self.model.backbone, choice)
             self.model.set_teacher_input(scale, shift)
+        if isinstance(self.map_sigma, Mapping):
+            sigma = category_choice(self.map_sigma, self.trainer.datamodule, 4.0, "map_sigma")
+            self.model.anomaly_map_generator.set_sigma(sigma)
+            self.model.check_input_size(self.input_size, self.distillation_loss.top_k)
         self.teacher_initialised.fill_(value=True)
 
     def on_train_start(self) -> None:

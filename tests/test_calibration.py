@@ -8,7 +8,7 @@ import torch
 from anomalib.data import MVTecAD
 from anomalib.deploy import ExportType
 from anomalib.engine import Engine
-from conftest import tiny_aand
+from conftest import make_mvtec_dataset, tiny_aand
 
 from anomalib_aand import Aand
 from anomalib_aand.components.calibration import MapCalibration, resolve_map_calibration
@@ -291,3 +291,37 @@ def test_fit_scores_objects_only_where_training_images_showed_them_and_export_ke
     np.testing.assert_allclose(outputs["anomaly_map"], exported.anomaly_map.numpy(), atol=1e-3)
     reloaded = Aand.load_from_checkpoint(engine.trainer.checkpoint_callback.best_model_path, map_location="cpu")
     torch.testing.assert_close(reloaded.model.anomaly_map_generator.calibration.support, support)
+
+
+@pytest.mark.slow
+def test_map_sigma_per_category_is_chosen_when_training_starts_and_travels_to_checkpoint_and_export(
+    tmp_path: Path,
+) -> None:
+    """``map_sigma`` as a mapping: the datamodule's category picks the blur (sigma 8: a 65-pixel kernel); a model
+    built with the default sigma loads that checkpoint with its kernel and scores as the trained model; the ONNX
+    graph carries it (parity <= 1e-3)."""
+    import onnxruntime
+
+    make_mvtec_dataset(tmp_path / "data", n_train=4, n_good=2, n_bad=2)
+    datamodule = MVTecAD(root=tmp_path / "data", category="toy", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu", devices=1)
+    size = Aand.configure_pre_processor((64, 64))
+    model = tiny_aand(map_sigma={"toy": 8.0, "default": 4.0}, pre_processor=size)
+    assert model.model.anomaly_map_generator.blur.kernel.shape[-2:] == (33, 33)
+    engine.fit(model, datamodule=datamodule)
+    assert model.model.anomaly_map_generator.blur.kernel.shape[-2:] == (65, 65)
+    checkpoint = engine.trainer.checkpoint_callback.best_model_path
+    datamodule.setup()
+    images = next(iter(datamodule.test_dataloader())).image
+    model.eval()
+    with torch.no_grad():
+        trained = model(images).anomaly_map
+    plain = tiny_aand(pre_processor=Aand.configure_pre_processor((64, 64)))
+    engine.test(plain, datamodule=datamodule, ckpt_path=checkpoint)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(images).anomaly_map, trained)
+    onnx_path = engine.export(plain, ExportType.ONNX, export_root=tmp_path / "export")
+    session = onnxruntime.InferenceSession(str(onnx_path))
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images.numpy()}), strict=True))
+    np.testing.assert_allclose(outputs["anomaly_map"], trained.numpy(), atol=1e-3)

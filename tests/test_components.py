@@ -234,6 +234,23 @@ def test_anomaly_map_and_score() -> None:
     assert torch.equal(out.pred_score, out.anomaly_map.amax(dim=(-2, -1)))
 
 
+def test_map_sigma_sets_the_blur_and_a_loaded_generator_takes_the_saved_kernel() -> None:
+    """A wider blur spreads a one-position defect further (lower peak, wider reach); the kernel is a buffer that a
+    generator built with another sigma takes at its saved size."""
+    target = [torch.randn(1, 4, 16, 16)]
+    student = [target[0].clone()]
+    student[0][0, :, 8, 8] = -target[0][0, :, 8, 8]
+    narrow = AnomalyMapGenerator(sigma=4.0)
+    wide = AnomalyMapGenerator(sigma=8.0)
+    assert wide.blur.kernel.shape[-2:] == (65, 65)
+    narrow_map = narrow(target, student, (64, 64))
+    wide_map = wide(target, student, (64, 64))
+    assert float(wide_map.max()) < 0.5 * float(narrow_map.max())
+    assert float(wide_map[0, 0, 32, 0]) > float(narrow_map[0, 0, 32, 0])  # 32 px from the defect
+    narrow.load_state_dict(wide.state_dict())
+    torch.testing.assert_close(narrow(target, student, (64, 64)), wide_map)
+
+
 def test_no_amplification_means_plain_teacher() -> None:
     model = AandModel("resnet18", RESNET_LAYERS, num_keys=50, gate_temperature=0.2, amplification=False).eval()
     assert model.raa is None

@@ -92,6 +92,8 @@ def copy_dataset(root: Path, target: Path) -> Path:
         ({"stage2_epochs": 0}, "stage2_epochs must be an integer >= 1"),
         ({"stage2_epochs": -3}, "stage2_epochs must be an integer >= 1"),
         ({"num_keys": 0}, "num_keys must be an integer >= 1"),
+        ({"map_sigma": 0}, r"map_sigma must be a number > 0 \(pixels; or a mapping"),
+        ({"map_sigma": {"toy": 8, "default": -1}}, "map_sigma must be a number > 0"),
     ],
 )
 def test_bad_settings_raise_clear_errors(kwargs: dict, message: str) -> None:
@@ -113,6 +115,8 @@ def test_input_size_rules_live_on_the_torch_model() -> None:
         model.check_input_size((40, 40))
     with pytest.raises(ValueError, match="hkd_top_k=9 exceeds the 8 positions"):
         model.check_input_size((64, 32), top_k=9)
+    with pytest.raises(ValueError, match=r"Image size 64x32 is too small for the anomaly map's blur, which reaches 32"):
+        tiny_aand(map_sigma=8.0).model.check_input_size((64, 32))
 
 
 def test_batch_of_unsuitable_size_is_refused(tmp_path: Path) -> None:

@@ -122,6 +122,7 @@ def _shape_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
 
 
 CALIBRATION_PREFIX = "model.anomaly_map_generator.calibration."
+BLUR_KERNEL = "model.anomaly_map_generator.blur.kernel"  # any size: the map generator takes the saved one
 
 
 def check_checkpoint(
@@ -159,7 +160,9 @@ def check_checkpoint(
         if key.startswith("model.") and key not in saved and not key.startswith(CALIBRATION_PREFIX)
     ]
     extra = [key for key in saved if key.startswith("model.") and key not in state_dict]
-    wrong = [key for key in state_dict if key in saved and saved[key].shape != state_dict[key].shape]
+    wrong = [
+        key for key in state_dict if key in saved and key != BLUR_KERNEL and saved[key].shape != state_dict[key].shape
+    ]
     if missing or extra or wrong or differences:
         detail = "; ".join(differences) or (
             f"{len(missing)} tensors missing, {len(extra)} unexpected, {len(wrong)} of other shapes, "

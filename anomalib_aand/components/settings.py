@@ -9,7 +9,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import AandInputError
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from anomalib_aand.torch_model import AandModel
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,16 +68,17 @@ VALID_RANGES = {
     "hkd_top_k": ValidRange(1, integer=True),
     "anomaly_probability": ValidRange(0, 1),
     "cache_budget_gb": ValidRange(0, paper=False, note="gigabytes of host memory; not a setting of the paper"),
+    "map_sigma": ValidRange(0, open_low=True, note="pixels; or a mapping of categories (and 'default') to those"),
 }
 
 
-def category_choice(setting: str | Mapping[str, str], datamodule: object, fallback: str, name: str) -> str:
+def category_choice(setting: T | Mapping[str, T], datamodule: object, fallback: T, name: str) -> T:
     """``setting`` itself, or its entry for ``datamodule``'s category (else its ``"default"``, else ``fallback``).
 
     A mapping lets one config carry a per-category choice that ``--data.category`` selects; ``name`` (the
     argument's) goes into the log line that reports the choice.
     """
-    if isinstance(setting, str):
+    if not isinstance(setting, Mapping):
         return setting
     category = getattr(datamodule, "category", None) or getattr(datamodule, "name", None)
     choice = setting.get(str(category), setting.get("default", fallback))
@@ -97,7 +99,10 @@ def check_hyperparameters(hparams: Mapping[str, Any], defaults: Mapping[str, Any
     the training do nothing.
     """
     for name, valid in VALID_RANGES.items():
-        if name in hparams and not valid.holds(hparams[name]):
+        if name not in hparams:
+            continue
+        values = list(hparams[name].values()) if isinstance(hparams[name], Mapping) else [hparams[name]]
+        if not values or not all(valid.holds(value) for value in values):
             msg = f"{name} must be {valid.describe(defaults.get(name))}, got {hparams[name]!r}."
             raise AandInputError(msg)
     if hparams.get("backbone_weights") is not None and not hparams.get("pre_trained", True):
