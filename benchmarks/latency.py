@@ -46,6 +46,7 @@ TEACHERS = {
 }
 DEFAULT_TEACHERS = ("tf_efficientnet_lite0", "resnet18")
 SIZE = 256
+DEFAULT_SIGMA = 4.0  # Aand's map_sigma: the paper's blur
 BATCHES = (1, 8)
 RUNTIMES = ("torch eager", "OpenVINO FP32", "OpenVINO FP16", "OpenVINO INT8")
 SHORT = {"torch eager": "torch", "OpenVINO FP32": "OV FP32", "OpenVINO FP16": "OV FP16", "OpenVINO INT8": "OV INT8"}
@@ -144,6 +145,7 @@ def measure(
         pre_trained=False,
         stage1_epochs=1 if amplification else 0,
         map_calibration=args.map_calibration,
+        map_sigma=args.map_sigma,
     ).eval()
     with torch.inference_mode():  # the calibration's statistics at their trained shape (values do not matter)
         images = [torch.rand(2, 3, SIZE, SIZE) for _ in range(2)]
@@ -165,6 +167,8 @@ def measure(
     name = "AAND" if amplification else "RD student"
     if args.map_calibration != "envelope":
         name += f" ({args.map_calibration})"
+    if args.map_sigma != DEFAULT_SIGMA:
+        name += f" (map_sigma {args.map_sigma:g})"
     row: dict[str, object] = {"teacher": backbone, "model": name}
     row["params_M"] = sum(p.numel() for p in model.model.parameters()) / 1e6
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
@@ -310,6 +314,12 @@ def main(argv: list[str] | None = None) -> None:
         default="envelope",
         choices=["none", "scale", "position", "envelope"],
         help="the models' map_calibration (Aand argument; Aand's default)",
+    )
+    parser.add_argument(
+        "--map-sigma",
+        type=float,
+        default=DEFAULT_SIGMA,
+        help="the models' map_sigma, the blur of the anomaly map (Aand argument; Aand's default)",
     )
     parser.add_argument(
         "--calibration",
