@@ -215,7 +215,7 @@ def test_generic_student_for_other_pyramids() -> None:
 
 def test_anomaly_map_and_score() -> None:
     generator = AnomalyMapGenerator(sigma=4.0)
-    assert generator.blur.kernel.shape[-2:] == (33, 33)
+    assert generator.blur.kernel.shape == (1, 1, 1, 33)
     target = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]
     assert generator(target, target, (32, 32)).abs().max() < 1e-5
     student = [t.clone() for t in target]
@@ -242,13 +242,30 @@ def test_map_sigma_sets_the_blur_and_a_loaded_generator_takes_the_saved_kernel()
     student[0][0, :, 8, 8] = -target[0][0, :, 8, 8]
     narrow = AnomalyMapGenerator(sigma=4.0)
     wide = AnomalyMapGenerator(sigma=8.0)
-    assert wide.blur.kernel.shape[-2:] == (65, 65)
+    assert wide.blur.kernel.shape == (1, 1, 1, 65)
     narrow_map = narrow(target, student, (64, 64))
     wide_map = wide(target, student, (64, 64))
     assert float(wide_map.max()) < 0.5 * float(narrow_map.max())
     assert float(wide_map[0, 0, 32, 0]) > float(narrow_map[0, 0, 32, 0])  # 32 px from the defect
     narrow.load_state_dict(wide.state_dict())
     torch.testing.assert_close(narrow(target, student, (64, 64)), wide_map)
+
+
+@pytest.mark.parametrize("sigma", [4.0, 8.0])
+def test_separable_blur_is_anomalibs_gaussian_blur_and_loads_its_2d_kernel(sigma: float) -> None:
+    """Two 1-D passes give ``GaussianBlur2d``'s map (same kernel size, reflected borders); a state dict holding its
+    2-D kernel (checkpoints before the separable blur) loads and blurs the same."""
+    from anomalib.models.components.filters import GaussianBlur2d
+
+    size = 2 * int(4 * sigma + 0.5) + 1
+    reference = GaussianBlur2d(sigma=sigma, channels=1, kernel_size=size)
+    maps = torch.rand(2, 1, 80, 72, generator=torch.Generator().manual_seed(3))
+    generator = AnomalyMapGenerator(sigma=sigma)
+    torch.testing.assert_close(generator.blur(maps), reference(maps), rtol=0, atol=1e-5)
+    old = AnomalyMapGenerator(sigma=2.0)
+    old.load_state_dict({**generator.state_dict(), "blur.kernel": reference.kernel.clone()})
+    assert old.blur.kernel.shape == (1, 1, 1, size)
+    torch.testing.assert_close(old.blur(maps), reference(maps), rtol=0, atol=1e-5)
 
 
 def test_no_amplification_means_plain_teacher() -> None:

@@ -28,6 +28,7 @@ from torch import nn
 from torchvision.transforms.v2 import Normalize
 from torchvision.transforms.v2.functional import resize
 
+from .blur import SeparableGaussianBlur
 from .textures import write_texture_bank
 
 logger = logging.getLogger(__name__)
@@ -94,22 +95,9 @@ class ForegroundEstimator(nn.Module):
 
     def __init__(self, sigma: float = 8.0, min_fraction: float = 0.05, min_contrast: float = 0.1) -> None:
         super().__init__()
-        radius = int(4.0 * sigma + 0.5)  # anomalib's GaussianBlur2d kernel size, 2 * radius + 1
-        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-        self.register_buffer("kernel", (kernel / kernel.sum()).view(1, 1, 1, -1), persistent=False)
+        self.blur = SeparableGaussianBlur(sigma, persistent=False)
         self.min_fraction = min_fraction
         self.min_contrast = min_contrast
-
-    def blur(self, grey: torch.Tensor) -> torch.Tensor:
-        """Gaussian blur of ``(B, 1, H, W)`` as two 1-D passes with reflected borders (anomalib's 2-D blur, faster).
-
-        Images no larger than the kernel's radius cannot be reflected that far: their borders are replicated.
-        """
-        radius = self.kernel.shape[-1] // 2
-        mode = "reflect" if radius < min(grey.shape[-2:]) else "replicate"
-        padded = F.pad(grey, (radius, radius, radius, radius), mode=mode)
-        return F.conv2d(F.conv2d(padded, self.kernel), self.kernel.transpose(-1, -2))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
