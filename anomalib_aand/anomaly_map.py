@@ -28,10 +28,10 @@ class AnomalyMapGenerator(nn.Module):
     so that the thresholds and normalisation statistics that validation stores (and an export carries) come from
     full-precision maps.
 
-    The blur (``SeparableGaussianBlur``: anomalib's ``GaussianBlur2d`` result in two 1-D passes; the 2-D kernel
-    cost a sigma-8 model half its CPU latency) keeps its kernel in a buffer: the checkpoint and the exported graph
-    carry it, and a checkpoint's kernel is taken at its saved size (``set_sigma`` chose it per category when that
-    model trained; a 2-D kernel of an older checkpoint is taken as its 1-D factor).
+    The blur (``SeparableGaussianBlur``: anomalib's ``GaussianBlur2d`` result in two 1-D passes, so that a wide
+    kernel stays cheap) keeps its kernel in a buffer: the checkpoint and the exported graph carry it, and a
+    checkpoint's kernel is taken at its saved size (``set_sigma`` chose it per category when that model trained; a
+    checkpoint holding ``GaussianBlur2d``'s 2-D kernel loads it as its 1-D factor).
 
     Args:
         sigma: Standard deviation of the Gaussian blur in pixels (the paper: 4).
