@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from .components.blur import SeparableGaussianBlur
+from .components.blur import SeparableGaussianBlur, gaussian_kernel
 from .components.calibration import MapCalibration
 
 
@@ -50,9 +50,8 @@ class AnomalyMapGenerator(nn.Module):
         return self.blur.radius
 
     def set_sigma(self, sigma: float) -> None:
-        """Blur with ``sigma`` from now on (the kernel moves to the current one's device and dtype)."""
-        kernel = self.blur.kernel
-        self.blur = SeparableGaussianBlur(sigma).to(device=kernel.device, dtype=kernel.dtype)
+        """Blur with ``sigma`` from now on (its kernel on the current one's device and dtype)."""
+        self.blur.kernel = gaussian_kernel(sigma).to(self.blur.kernel)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:  # noqa: ANN401
         """Take the saved blur kernel at its size (a per-category sigma may differ from the constructor's).
